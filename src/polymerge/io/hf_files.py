@@ -1,0 +1,79 @@
+"""The non-weight files of an output HF folder: config, tokenizer, generation config, card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymerge.errors import CheckpointError
+from polymerge.io.dtypes import dtype_name
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+def write_config(folder: Path, config: dict[str, Any] | None, dtype: torch.dtype) -> None:
+    """Copy the reference config with its dtype fields set to the output dtype."""
+    if config is None:
+        return
+    config = dict(config)
+    for key in ("torch_dtype", "dtype"):
+        config[key] = dtype_name(dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_support_files(folder: Path, source: Path) -> list[str]:
+    """Copy tokenizer files and generation_config.json from ``source`` (a model folder)."""
+    if not source.is_dir():
+        return []
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+def tokenizer_source_dir(choice: str | None, reference: Path) -> Path:
+    """``base`` (default) means the reference model's folder; anything else is a model path."""
+    if choice in (None, "base"):
+        return reference if reference.is_dir() else reference.parent
+    path = Path(choice).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer_source {choice!r} is not a model folder")
+    return path
+
+
+def write_model_card(folder: Path, *, method: str, description: str, base: str | None,
+                     inputs: list[tuple[str, str]], recipe_yaml: str, extra: str = "") -> None:
+    """A short README.md stating the method, inputs and parameters, with HF front matter."""
+    front = ["---", "library_name: transformers", "tags:", "- merge", "- polymerge"]
+    if base:
+        front.append(f"base_model: {base}")
+    front.append("---")
+    rows = "\n".join(f"| {name} | `{path}` |" for name, path in inputs)
+    body = f"""
+# Merged model ({method})
+
+Made with [polymerge](https://pypi.org/project/polymerge/) using **{method}**: {description}
+
+Base model: `{base or "none"}`
+
+| input | path |
+|---|---|
+{rows}
+
+## Recipe
+
+```yaml
+{recipe_yaml.rstrip()}
+```
+{extra}"""
+    (folder / "README.md").write_text("\n".join(front) + "\n" + body)
