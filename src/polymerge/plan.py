@@ -28,6 +28,8 @@ from polymerge.recipe import (
 )
 
 _VOCAB_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
+# mergekit options that only change how it computes, not what: accepted and ignored.
+IGNORED_MERGEKIT_PARAMS = frozenset({"int8_mask"})
 _ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
               "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd",
               "n_layer")
@@ -157,7 +159,7 @@ def _method_inputs(recipe: Recipe, method: MergeMethod) -> list[ModelEntry]:
 
 
 def _check_parameters(recipe: Recipe, method: MergeMethod, entries: list[ModelEntry]) -> None:
-    known = method.param_names | {"seed"}
+    known = method.param_names | IGNORED_MERGEKIT_PARAMS
     for key in recipe.parameters:
         if key not in known:
             raise RecipeError(f"parameters: {method.name} has no parameter {key!r}; it takes "

@@ -1,0 +1,32 @@
+"""DARE: drop task-vector entries at random and rescale survivors by 1/density.
+
+``dare_linear`` then sums like task arithmetic; ``dare_ties`` adds TIES sign election.
+"""
+
+from __future__ import annotations
+
+from polymerge.methods.gta import make_gta_method
+from polymerge.methods.registry import register
+from polymerge.methods.sparsify import Sparsification
+
+DARE_LINEAR = register(make_gta_method(
+    "dare_linear",
+    sparsification=Sparsification.random,
+    consensus=False,
+    default_normalize=False,
+    default_rescale=True,
+    description="Randomly drop task-vector entries (keep prob. density, rescale 1/density), "
+                "then task arithmetic.",
+    reference="https://arxiv.org/abs/2311.03099",
+))
+
+DARE_TIES = register(make_gta_method(
+    "dare_ties",
+    sparsification=Sparsification.random,
+    consensus=True,
+    default_normalize=False,
+    default_rescale=True,
+    description="Randomly drop task-vector entries (rescale 1/density), then TIES sign "
+                "election.",
+    reference="https://arxiv.org/abs/2311.03099",
+))

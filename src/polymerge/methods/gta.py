@@ -1,0 +1,174 @@
+"""Generalized task arithmetic: one core behind task_arithmetic, TIES, DARE, Breadcrumbs and DELLA.
+
+It follows mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge`` step for step, so a recipe ported
+from mergekit gives the same result (in distribution for the random sparsifications):
+
+1. ``delta_i = expert_i - base``, thinned by the method's sparsification;
+2. ``delta_i *= weight_i``;
+3. with consensus, the sign of ``sum_i delta_i`` (0 counts as +) is elected, only agreeing
+   entries are summed and the divisor is ``sum_i weight_i * agree_i`` (0 -> 1); without,
+   everything is summed and the divisor is ``sum_i weight_i`` (|.| < 1e-8 -> 1);
+4. the sum is divided by the divisor if ``normalize``, times ``lambda``, added to the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from polymerge.errors import RecipeError
+from polymerge.methods.registry import MergeMethod, Param
+from polymerge.methods.sparsify import Sparsification, sign_agreement_mask, sparsify
+
+WEIGHT = Param("weight", float, default=1.0, scope="per_model",
+               help="scale of this expert's task vector")
+DENSITY = Param("density", float, default=1.0, scope="per_model", low=0.0, high=1.0,
+                low_open=True, help="fraction of the task vector kept by sparsification")
+LAMBDA = Param("lambda", float, default=1.0,
+               help="scale of the mixed task vector before it is added to the base")
+GAMMA = Param("gamma", float, default=0.01, scope="per_model", low=0.0, high=1.0,
+              high_open=True, help="fraction of largest-magnitude outliers removed")
+EPSILON = Param("epsilon", float, default=0.15, scope="per_model", low=0.0, high=0.5,
+                high_open=True,
+                help="spread of keep probabilities around density (density ± epsilon in (0,1))")
+
+
+def _normalize_param(default: bool) -> Param:
+    return Param("normalize", bool, default=default,
+                 help="divide the mixed task vector by the sum of the (agreeing) weights")
+
+
+def _rescale_param(default: bool) -> Param:
+    return Param("rescale", bool, default=default,
+                 help="rescale surviving entries after sparsification")
+
+
+def per_model(value: Any, n: int, name: str) -> list[float]:
+    """One float per expert; a scalar is broadcast, a list of the wrong length is an error."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise RecipeError(f"parameter {name!r} has {len(values)} values for {n} experts")
+    return values
+
+
+def gta_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    sparsification: Sparsification | None = None,
+    consensus: bool = False,
+    weight: Any = 1.0,
+    density: Any = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    lam: float = 1.0,
+    gamma: Any = 0.01,
+    epsilon: Any = 0.15,
+) -> torch.Tensor:
+    """Merge one tensor by generalized task arithmetic (see the module docstring)."""
+    if base is None:
+        raise RecipeError("task-arithmetic methods need a base model")
+    base = base.float()
+    n = len(experts)
+    if n == 0:
+        return base.clone()
+    weights = per_model(weight, n, "weight")
+    deltas = []
+    if sparsification is None:
+        deltas = [e.float() - base for e in experts]
+    else:
+        densities = per_model(density, n, "density")
+        gammas = per_model(gamma, n, "gamma")
+        epsilons = per_model(epsilon, n, "epsilon")
+        for i, expert in enumerate(experts):
+            deltas.append(sparsify(expert.float() - base, sparsification,
+                                   density=densities[i], rescale=rescale, generator=generator,
+                                   gamma=gammas[i], epsilon=epsilons[i]))
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(n, *([1] * base.dim()))
+    stacked = stacked * w
+
+    if consensus:
+        agree = sign_agreement_mask(stacked)
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+
+    if normalize:
+        mixed = mixed / divisor
+    mixed = mixed * lam
+    return (base + mixed).reshape(base.shape)
+
+
+def make_gta_method(
+    name: str,
+    *,
+    sparsification: Sparsification | None,
+    consensus: bool,
+    default_normalize: bool,
+    default_rescale: bool,
+    description: str,
+    reference: str,
+) -> MergeMethod:
+    """Build a registered method from the core; parameters follow mergekit's names/defaults.
+
+    ``density`` and ``rescale`` exist only where the method sparsifies (mergekit accepts and
+    ignores them for task_arithmetic), ``gamma`` only for Breadcrumbs and ``epsilon`` only for
+    DELLA.
+    """
+    params: list[Param] = [WEIGHT]
+    if sparsification is not None:
+        params.append(DENSITY)
+    params += [_normalize_param(default_normalize)]
+    if sparsification is not None:
+        params.append(_rescale_param(default_rescale))
+    params.append(LAMBDA)
+    if sparsification is Sparsification.magnitude_outliers:
+        params.append(GAMMA)
+    if sparsification is Sparsification.della_magprune:
+        params.append(EPSILON)
+    defaults = {p.name: p.default for p in params}
+
+    def fn(
+        base: torch.Tensor,
+        experts: Sequence[torch.Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        **given: Any,
+    ) -> torch.Tensor:
+        # Defaults are filled here so the function is usable on its own; ``lambda`` is a
+        # Python keyword, hence the dict.
+        unknown = set(given) - set(defaults)
+        if unknown:
+            raise RecipeError(f"{name}: unknown parameter(s): {', '.join(sorted(unknown))}")
+        p = {**defaults, **given}
+        return gta_merge(
+            base, experts, generator=generator, sparsification=sparsification,
+            consensus=consensus, weight=p["weight"], density=p.get("density", 1.0),
+            normalize=p["normalize"], rescale=p.get("rescale", False), lam=p["lambda"],
+            gamma=p.get("gamma", 0.01), epsilon=p.get("epsilon", 0.15))
+
+    fn.__name__ = fn.__qualname__ = f"{name}_merge"
+    random = sparsification in (Sparsification.random, Sparsification.della_magprune)
+    return MergeMethod(
+        name=name,
+        fn=fn,
+        params=tuple(params),
+        description=description,
+        base_policy="required",
+        min_experts=1,
+        random=random,
+        reference=reference,
+        extra={"sparsification": None if sparsification is None else sparsification.value,
+               "consensus": "sum" if consensus else None},
+    )

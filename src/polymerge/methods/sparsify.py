@@ -1,0 +1,194 @@
+"""Sparsification of task vectors and TIES sign election, shared by the task-arithmetic family.
+
+Every helper takes one delta tensor (any shape, 0-d included), never modifies it and returns a new
+float32 tensor of the same shape. Random helpers draw only from the ``generator`` they are given,
+so a merge is reproducible from the engine's per-tensor seed.
+
+Rescaling of survivors, where it differs from mergekit 0.1.5:
+
+* DARE (``random_drop``) divides survivors by ``density``, as in the DARE paper. mergekit instead
+  rescales the masked tensor so its L1 norm matches the unmasked one; the two agree in
+  expectation, not draw by draw.
+* DELLA (``della_magprune``) divides each survivor by its own keep probability, as in the DELLA
+  paper (mergekit again matches the L1 norm).
+* The deterministic trims (``magnitude_topk``, ``magnitude_outliers``) have no keep probability
+  to invert, so with ``rescale`` they match the L1 norm of the input exactly like mergekit.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from polymerge.errors import RecipeError
+
+_RESCALE_EPS = 1e-7
+
+
+class Sparsification(str, Enum):
+    """How a method thins each task vector before mixing."""
+
+    magnitude = "magnitude"
+    random = "random"
+    magnitude_outliers = "magnitude_outliers"
+    della_magprune = "della_magprune"
+
+
+def bernoulli_mask(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw a 0/1 float mask with keep probabilities ``probs`` from ``generator``.
+
+    The draw happens on the generator's device (a CPU generator may drive CUDA tensors), so the
+    same seed gives the same mask wherever the tensors live when the generator is on the CPU.
+    """
+    device = probs.device
+    if generator is not None and generator.device.type != device.type:
+        return torch.bernoulli(probs.to(generator.device), generator=generator).to(device)
+    return torch.bernoulli(probs, generator=generator)
+
+
+def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Scale ``masked`` so its L1 norm matches ``tensor``'s (mergekit's rescale), unless tiny."""
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude_topk(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries largest in magnitude over the whole tensor (TIES).
+
+    ``k = max(1, int(density * numel))`` like mergekit, so a positive density keeps at least one
+    entry; ties in magnitude are broken by position (stable sort) for reproducibility.
+    """
+    x = tensor.float()
+    if density >= 1:
+        return x.clone()
+    if density <= 0 or x.numel() == 0:
+        return torch.zeros_like(x)
+    k = max(1, int(density * x.numel()))
+    order = torch.argsort(x.abs().reshape(-1), descending=True, stable=True)
+    mask = torch.zeros(x.numel(), dtype=x.dtype, device=x.device)
+    mask[order[:k]] = 1
+    masked = x * mask.reshape(x.shape)
+    return _l1_rescaled(x, masked) if rescale else masked
+
+
+def magnitude_outliers(
+    tensor: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest outliers and the smallest entries.
+
+    Sorting |x| ascending, ``n_top = int(gamma*numel)`` largest and
+    ``n_bot = max(0, numel - int(density*numel) - n_top)`` smallest are removed, so exactly
+    ``int(density*numel)`` entries survive (outlier removal shrinks if needed), as in mergekit.
+    """
+    x = tensor.float()
+    if density >= 1:
+        return x.clone()
+    numel = x.numel()
+    target_n = int(density * numel)
+    n_top = int(gamma * numel)
+    n_bot = max(0, numel - target_n - n_top)
+    order = torch.argsort(x.abs().reshape(-1), descending=False, stable=True)
+    mask = torch.zeros(numel, dtype=x.dtype, device=x.device)
+    mask[order[n_bot:n_bot + target_n]] = 1
+    masked = x * mask.reshape(x.shape)
+    return _l1_rescaled(x, masked) if rescale else masked
+
+
+def random_drop(
+    tensor: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density``; survivors times ``1/density``.
+
+    The ``1/density`` factor is the DARE paper's and keeps the delta unbiased; mergekit instead
+    matches the L1 norm of the input, which is equal in expectation.
+    """
+    x = tensor.float()
+    if density >= 1:
+        return x.clone()
+    if density <= 0:
+        return torch.zeros_like(x)
+    keep = bernoulli_mask(torch.full_like(x, density), generator)
+    masked = x * keep
+    return masked / density if rescale else masked
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability grows linearly with the magnitude rank within each row.
+
+    Rows are ``tensor.reshape(shape[0], -1)`` (a 1-d tensor is one row, a 0-d tensor a row of one
+    entry). In each row the normalized rank r in [0, 1] of |x| gives the keep probability
+    ``p = density - epsilon + 2*epsilon*r``; survivors are divided by their own ``p`` (the DELLA
+    paper's rescale) when ``rescale``. A row of a single entry has no rank spread and uses
+    ``p = density``. mergekit ranks along dim 1 of the unflattened tensor, which equals this for
+    2-d weights.
+    """
+    x = tensor.float()
+    if density >= 1:
+        return x.clone()
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise RecipeError(
+            f"della: density ± epsilon must lie inside (0, 1), got density={density:g}, "
+            f"epsilon={epsilon:g}")
+    if x.numel() == 0:
+        return x.clone()
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    width = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.argsort(order, dim=1, stable=True).to(rows.dtype)
+    rank_norm = ranks / (width - 1) if width > 1 else torch.full_like(rows, 0.5)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    keep = bernoulli_mask(probs, generator)
+    masked = rows * keep
+    if rescale:
+        masked = masked / probs
+    return masked.reshape(x.shape)
+
+
+def sparsify(
+    tensor: torch.Tensor,
+    method: Sparsification,
+    *,
+    density: float,
+    rescale: bool,
+    generator: torch.Generator | None,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+) -> torch.Tensor:
+    """Dispatch to one sparsification; the returned tensor is always new."""
+    if method is Sparsification.magnitude:
+        return magnitude_topk(tensor, density, rescale=rescale)
+    if method is Sparsification.random:
+        return random_drop(tensor, density, generator, rescale=rescale)
+    if method is Sparsification.magnitude_outliers:
+        return magnitude_outliers(tensor, density, gamma=gamma, rescale=rescale)
+    if method is Sparsification.della_magprune:
+        return della_magprune(tensor, density, epsilon, generator, rescale=rescale)
+    raise ValueError(f"unknown sparsification {method!r}")
+
+
+def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES "sum" election over the stacked (weighted) deltas, dim 0 = experts.
+
+    The elected sign is the sign of the sum, with a sum of exactly 0 electing + (mergekit's
+    convention), so every entry has a definite sign of +1 or -1.
+    """
+    total = deltas.sum(dim=0)
+    return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
+
+
+def sign_agreement_mask(deltas: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the entries whose sign equals the elected sign (zeros never agree)."""
+    return torch.sign(deltas) == elect_sign(deltas)
