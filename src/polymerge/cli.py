@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Sequence
@@ -89,9 +90,11 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Subsystems contribute their own subcommands through ``add_commands(subparsers)``."""
     for module_name in ("polymerge.zoo.cli",):
         try:
-            module = __import__(module_name, fromlist=["add_commands"])
-        except ImportError:
-            continue
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module_name.startswith(exc.name):
+                continue  # that subsystem is not part of this install
+            raise
         module.add_commands(sub)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from polymerge.builders import build, get_builder
 from polymerge.engine import EngineStats, check_finite, resolve_device, stream, tensor_seed
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.hf_files import (
@@ -20,7 +21,7 @@ from polymerge.io.hf_files import (
 from polymerge.io.writer import AtomicOutputDir, ShardedWriter, check_output_target
 from polymerge.methods.registry import MergeMethod, get_method
 from polymerge.plan import MergePlan, TensorJob, build_plan
-from polymerge.recipe import Recipe
+from polymerge.recipe import Recipe, load_recipe
 
 DEFAULT_SHARD_SIZE = "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -50,6 +51,11 @@ def merge(recipe: str | Path | dict[str, Any] | Recipe, out: str | Path, *,
     out_path = Path(out).expanduser().absolute()
     check_output_target(out_path, force=force)
     max_shard = parse_size(shard_size)
+    parsed = load_recipe(recipe)
+    if get_builder(parsed.merge_method) is not None:
+        return build(parsed, out_path, force=force, device=device, dtype=dtype,
+                     shard_size=max_shard, allow_pickle=allow_pickle, progress=progress)
+    recipe = parsed
     plan = build_plan(recipe, out_dir=out_path, allow_pickle=allow_pickle, dtype=dtype)
     resolve_device(device)
     try:

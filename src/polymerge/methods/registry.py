@@ -125,7 +125,9 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
+        from polymerge.builders import all_builders
+
+        known = ", ".join(sorted([*_REGISTRY, *(b.name for b in all_builders())]))
         raise RecipeError(f"unknown merge_method {name!r}; known methods: {known}") from None
 
 
