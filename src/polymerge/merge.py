@@ -69,9 +69,18 @@ def merge(recipe: str | Path | dict[str, Any] | Recipe, out: str | Path, *,
 
 
 def dry_run(recipe: str | Path | dict[str, Any] | Recipe, out: str | Path | None = None, *,
-            dtype: str | None = None, allow_pickle: bool = False) -> MergePlan:
-    """Validate and plan without writing anything."""
-    plan = build_plan(recipe, out_dir=out, allow_pickle=allow_pickle, dtype=dtype)
+            dtype: str | None = None, allow_pickle: bool = False,
+            force: bool = False) -> MergePlan:
+    """Validate and plan without writing anything (the output target is checked too)."""
+    if out is not None:
+        check_output_target(Path(out).expanduser().absolute(), force=force)
+    builder = get_builder(load_recipe(recipe).merge_method)
+    if builder is not None and builder.kind == "store":
+        from polymerge.stores.base import plan_store
+
+        plan = plan_store(recipe, out_dir=out, allow_pickle=allow_pickle, dtype=dtype)
+    else:
+        plan = build_plan(recipe, out_dir=out, allow_pickle=allow_pickle, dtype=dtype)
     plan.close()
     return plan
 
@@ -134,6 +143,9 @@ def merge_tensors(method: str | MergeMethod, base: TensorOrDict | None,
         for i, expert in enumerate(experts):
             if not isinstance(expert, Mapping) or set(expert) != set(keys):
                 raise RecipeError(f"expert {i}: keys differ from expert 0's")
+        if base is not None and (not isinstance(base, Mapping) or set(base) != set(keys)):
+            missing = sorted(set(keys) - set(base)) if isinstance(base, Mapping) else keys
+            raise RecipeError(f"base: keys differ from the experts' (e.g. {missing[:1]})")
         return {k: merge_tensors(spec, None if base is None else base[k],  # type: ignore[index]
                                  [e[k] for e in experts], seed=seed, device=device,  # type: ignore[index]
                                  _name=k, **params) for k in keys}

@@ -17,11 +17,13 @@ import torch
 from polymerge.errors import CheckpointError, RecipeError
 from polymerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from polymerge.io.dtypes import dtype_name, parse_dtype
+from polymerge.io.hf_files import tokenizer_source_dir
 from polymerge.methods.registry import REQUIRED, MergeMethod, Param, get_method
 from polymerge.recipe import (
     ModelEntry,
     Recipe,
     depth_position,
+    layer_index,
     load_recipe,
     possible_values,
     resolve_value,
@@ -111,10 +113,16 @@ class MergePlan:
 
 def build_plan(recipe_source: str | Path | dict[str, Any] | Recipe, *,
                out_dir: str | Path | None = None, allow_pickle: bool = False,
-               dtype: str | None = None) -> MergePlan:
-    """Validate a recipe against its inputs and resolve every tensor's parameters."""
+               dtype: str | None = None, method: MergeMethod | None = None) -> MergePlan:
+    """Validate a recipe against its inputs and resolve every tensor's parameters.
+
+    ``method`` stands in for the registry's method of that name (a store or learned merge
+    passes its own parameter schema).
+    """
     recipe = load_recipe(recipe_source)
-    method = get_method(recipe.merge_method)
+    method = method if method is not None else get_method(recipe.merge_method)
+    if out_dir is not None:
+        check_output_not_input(Path(out_dir), recipe)
     entries = _method_inputs(recipe, method)
     _check_parameters(recipe, method, entries)
 
@@ -129,9 +137,12 @@ def build_plan(recipe_source: str | Path | dict[str, Any] | Recipe, *,
 
     out_dtype = parse_dtype(dtype or recipe.output_dtype_name) if (
         dtype or recipe.output_dtype_name) else _dominant_dtype(infos)
-    num_layers = _num_layers(reference.config)
+    num_layers = _num_layers(reference.config) or _num_layers_from_names(infos)
     jobs = [_job(name, info, recipe, method, entries, out_dtype, num_layers)
             for name, info in infos.items()]
+    _check_job_params(method, jobs)
+    if recipe.tokenizer_source not in (None, "base"):
+        tokenizer_source_dir(recipe.tokenizer_source, reference.path)
     plan = MergePlan(recipe, method, reference,
                      base if method.base_policy == "required" else None,
                      inputs, [e.display_name for e in entries], jobs, out_dtype)
@@ -179,12 +190,6 @@ def _check_parameters(recipe: Recipe, method: MergeMethod, entries: list[ModelEn
         for entry in entries:
             value = entry.parameters.get(param.name, recipe.parameters.get(param.name))
             _check_values(param, value, f"model {entry.display_name}")
-    if method.name == "linear" and recipe.parameters.get("normalize", True):
-        totals = [sum(float(v) for v in possible_values(
-            e.parameters.get("weight", recipe.parameters.get("weight", 0.0))))
-            for e in entries]
-        if entries and all(t == 0 for t in totals):
-            raise RecipeError("linear: the weights sum to zero; nothing to normalize by")
 
 
 def _check_values(param: Param, value: Any, where: str) -> None:
@@ -266,6 +271,24 @@ def _num_layers(config: dict[str, Any] | None) -> int | None:
     return None
 
 
+def _num_layers_from_names(infos: dict[str, TensorInfo]) -> int | None:
+    """Depth from tensor names, for bare safetensors files that come without a config."""
+    indices = [i for i in map(layer_index, infos) if i is not None]
+    return max(indices) + 1 if indices else None
+
+
+def _check_job_params(method: MergeMethod, jobs: list[TensorJob]) -> None:
+    if method.check_params is None:
+        return
+    for job in jobs:
+        if not job.merge:
+            continue
+        try:
+            method.check_params(job.params)
+        except RecipeError as exc:
+            raise RecipeError(f"tensor {job.name!r}: {exc}") from None
+
+
 def _job(name: str, info: TensorInfo, recipe: Recipe, method: MergeMethod,
          entries: list[ModelEntry], out_dtype: torch.dtype, num_layers: int | None) -> TensorJob:
     if not info.dtype.is_floating_point:
@@ -294,6 +317,21 @@ def _job(name: str, info: TensorInfo, recipe: Recipe, method: MergeMethod,
         per_model[param.name] = values
     return TensorJob(name, TensorInfo(name, info.shape, out_dtype), merge=True,
                      shared=shared, per_model=per_model)
+
+
+def check_output_not_input(out_dir: Path, recipe: Recipe) -> None:
+    """The output may not be, contain or sit inside an input: --force would destroy it."""
+    out = out_dir.expanduser().resolve()
+    paths = [recipe.base_model, *(m.model for m in recipe.models)]
+    if recipe.tokenizer_source not in (None, "base"):
+        paths.append(recipe.tokenizer_source)
+    for raw in paths:
+        if raw is None:
+            continue
+        path = Path(raw).expanduser().resolve()
+        if out == path or out in path.parents or path in out.parents:
+            raise RecipeError(f"output {out_dir} overlaps input {raw}; choose another output "
+                              "folder (inputs are never modified)")
 
 
 def _check_disk(out_dir: Path, needed: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import yaml
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from polymerge.errors import RecipeError
 
 Scalar = bool | int | float | str
+NonEmptyFloats = Annotated[list[float], Field(min_length=1)]
 
 
 class FilterEntry(BaseModel):
@@ -25,10 +26,10 @@ class FilterEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Scalar | list[float]
+    value: Scalar | NonEmptyFloats
 
 
-ParamValue = Scalar | list[FilterEntry] | list[float]
+ParamValue = Scalar | Annotated[list[FilterEntry], Field(min_length=1)] | NonEmptyFloats
 
 
 class ModelEntry(BaseModel):

@@ -88,6 +88,8 @@ class LoraCheckpoint:
             if match is None:
                 name = stripped.replace(".modules_to_save.default", "").replace(
                     ".modules_to_save", "")
+                # PEFT saves a targeted embedding itself as ``<module>.base_layer.weight``.
+                name = re.sub(r"\.base_layer(?=\.|$)", "", name)
                 full[self._base_name(name)] = key
                 continue
             module = match["module"]
@@ -137,9 +139,8 @@ class LoraCheckpoint:
         return b, a, self.scale(name)
 
     def read(self, name: str) -> torch.Tensor:
-        if name in self._full:
-            return self._get(self._full[name])
-        base = self.base.read(name)
+        """The expert's tensor, in the base's dtype (the update is added in float32)."""
+        base = self._get(self._full[name]) if name in self._full else self.base.read(name)
         factors = self.lora_factors(name)
         if factors is None:
             return base
@@ -148,7 +149,7 @@ class LoraCheckpoint:
         if delta.shape != base.shape:
             raise CheckpointError(f"{self.label}: LoRA update for {name!r} has shape "
                                   f"{tuple(delta.shape)}, base has {tuple(base.shape)}")
-        return base.float().add_(delta)
+        return base.float().add_(delta).to(base.dtype)
 
     def close(self) -> None:
         self._handle = None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -38,8 +38,11 @@ class AtomicOutputDir:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-",
-                                         dir=self.target.parent))
+        # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide the output
+        # from other users. mkdir honours the umask like any other folder.
+        name = f".{self.target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp = self.target.parent / name
+        self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

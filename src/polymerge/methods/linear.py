@@ -42,6 +42,13 @@ def linear_merge(
     return result
 
 
+def check_linear_params(params: dict[str, Any]) -> None:
+    """Normalizing by weights that cancel out has no answer; say so before merging."""
+    if params.get("normalize", True) and sum(params["weight"]) == 0:
+        raise RecipeError("linear: the weights sum to 0, cannot normalize "
+                          "(set normalize: false or change the weights)")
+
+
 LINEAR = register(MergeMethod(
     name="linear",
     fn=linear_merge,
@@ -54,5 +61,6 @@ LINEAR = register(MergeMethod(
                 "the weight sum.",
     base_policy="input",
     min_experts=1,
+    check_params=check_linear_params,
     reference="https://arxiv.org/abs/2203.05482",
 ))

@@ -95,6 +95,9 @@ class MergeMethod:
     max_experts: int | None = None
     random: bool = False
     reference: str = ""
+    check_params: Callable[[dict[str, Any]], None] | None = None
+    """Checks a combination of resolved parameters for one tensor (e.g. weights that sum to 0)
+    and raises RecipeError; the plan calls it for every tensor before any tensor is read."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param:
