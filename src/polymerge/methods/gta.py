@@ -20,7 +20,7 @@ import torch
 
 from polymerge.errors import RecipeError
 from polymerge.methods.registry import MergeMethod, Param
-from polymerge.methods.sparsify import Sparsification, sign_agreement_mask, sparsify
+from polymerge.methods.sparsify import Sparsification, sparsify
 
 WEIGHT = Param("weight", float, default=1.0, scope="per_model",
                help="scale of this expert's task vector")
@@ -78,36 +78,42 @@ def gta_merge(
     if n == 0:
         return base.clone()
     weights = per_model(weight, n, "weight")
-    deltas = []
-    if sparsification is None:
-        deltas = [e.float() - base for e in experts]
-    else:
-        densities = per_model(density, n, "density")
-        gammas = per_model(gamma, n, "gamma")
-        epsilons = per_model(epsilon, n, "epsilon")
-        for i, expert in enumerate(experts):
-            deltas.append(sparsify(expert.float() - base, sparsification,
-                                   density=densities[i], rescale=rescale, generator=generator,
-                                   gamma=gammas[i], epsilon=epsilons[i]))
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(n, *([1] * base.dim()))
-    stacked = stacked * w
+    densities = per_model(density, n, "density")
+    gammas = per_model(gamma, n, "gamma")
+    epsilons = per_model(epsilon, n, "epsilon")
+    # Expert by expert with in-place accumulation: stacking N deltas would copy every input
+    # once more and make the reductions run over an (N, ...) tensor, about 3x slower.
+    weighted = []
+    for i, expert in enumerate(experts):
+        delta = expert.float() - base
+        if sparsification is not None:
+            delta = sparsify(delta, sparsification, density=densities[i], rescale=rescale,
+                             generator=generator, gamma=gammas[i], epsilon=epsilons[i])
+        weighted.append(delta.mul_(weights[i]))
 
     if consensus:
-        agree = sign_agreement_mask(stacked)
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+        total = weighted[0].clone()
+        for delta in weighted[1:]:
+            total.add_(delta)
+        elected_positive = total >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for w, delta in zip(weights, weighted, strict=True):
+            # sign(delta) == elected sign; zero entries agree with neither sign.
+            agree = torch.where(elected_positive, delta > 0, delta < 0)
+            mixed.add_(delta * agree)
+            divisor.add_(agree, alpha=w)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = stacked.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+        mixed = weighted[0].clone()
+        for delta in weighted[1:]:
+            mixed.add_(delta)
+        total_weight = sum(weights)
+        divisor = torch.tensor(1.0 if abs(total_weight) < 1e-8 else total_weight)
 
     if normalize:
-        mixed = mixed / divisor
-    mixed = mixed * lam
-    return (base + mixed).reshape(base.shape)
+        mixed = mixed.div_(divisor)
+    return base + mixed.mul_(lam)
 
 
 def make_gta_method(

@@ -33,12 +33,12 @@ def linear_merge(
     if normalize and sum(weights) == 0:
         raise RecipeError("linear: the weights sum to 0, cannot normalize "
                           "(set normalize: false or change the weights)")
-    stacked = torch.stack([x.float() for x in experts])
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(n, *([1] * (stacked.dim() - 1)))
-    result = (stacked * w).sum(dim=0)
+    # Accumulate in place rather than stacking: one output-sized buffer instead of N copies.
+    result = experts[0].float() * weights[0]
+    for x, w in zip(experts[1:], weights[1:], strict=True):
+        result.add_(x.float(), alpha=w)
     if normalize:
-        result = result / sum(weights)
+        result = result.div_(sum(weights))
     return result
 
 

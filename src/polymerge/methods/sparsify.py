@@ -56,11 +56,34 @@ def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
+def _select_extreme(a: torch.Tensor, m: int, *, largest: bool,
+                    low_index_first: bool) -> torch.Tensor:
+    """Boolean mask of the ``m`` largest (or smallest) entries of the 1-d tensor ``a``.
+
+    Equivalent to taking ``m`` entries of a stable sort, but by a ``kthvalue`` threshold, which is
+    several times faster than sorting. Ties at the threshold go to the lowest positions when
+    ``low_index_first``, else to the highest (what the tail of a stable ascending sort holds).
+    """
+    n = a.numel()
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=a.device)
+    if m >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    threshold = torch.kthvalue(a, n - m + 1 if largest else m).values
+    mask = a > threshold if largest else a < threshold
+    need = m - int(mask.sum())
+    if need > 0:
+        ties = torch.nonzero(a == threshold).flatten()
+        mask[ties[:need] if low_index_first else ties[ties.numel() - need:]] = True
+    return mask
+
+
 def magnitude_topk(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the ``density`` fraction of entries largest in magnitude over the whole tensor (TIES).
 
     ``k = max(1, int(density * numel))`` like mergekit, so a positive density keeps at least one
-    entry; ties in magnitude are broken by position (stable sort) for reproducibility.
+    entry; ties in magnitude are broken by position (as a stable sort would) for
+    reproducibility.
     """
     x = tensor.float()
     if density >= 1:
@@ -68,10 +91,8 @@ def magnitude_topk(tensor: torch.Tensor, density: float, rescale: bool = False) 
     if density <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * x.numel()))
-    order = torch.argsort(x.abs().reshape(-1), descending=True, stable=True)
-    mask = torch.zeros(x.numel(), dtype=x.dtype, device=x.device)
-    mask[order[:k]] = 1
-    masked = x * mask.reshape(x.shape)
+    keep = _select_extreme(x.abs().reshape(-1), k, largest=True, low_index_first=True)
+    masked = x * keep.reshape(x.shape)
     return _l1_rescaled(x, masked) if rescale else masked
 
 
@@ -83,6 +104,7 @@ def magnitude_outliers(
     Sorting |x| ascending, ``n_top = int(gamma*numel)`` largest and
     ``n_bot = max(0, numel - int(density*numel) - n_top)`` smallest are removed, so exactly
     ``int(density*numel)`` entries survive (outlier removal shrinks if needed), as in mergekit.
+    Ties follow a stable ascending sort.
     """
     x = tensor.float()
     if density >= 1:
@@ -91,10 +113,10 @@ def magnitude_outliers(
     target_n = int(density * numel)
     n_top = int(gamma * numel)
     n_bot = max(0, numel - target_n - n_top)
-    order = torch.argsort(x.abs().reshape(-1), descending=False, stable=True)
-    mask = torch.zeros(numel, dtype=x.dtype, device=x.device)
-    mask[order[n_bot:n_bot + target_n]] = 1
-    masked = x * mask.reshape(x.shape)
+    a = x.abs().reshape(-1)
+    bottom = _select_extreme(a, n_bot, largest=False, low_index_first=True)
+    top = _select_extreme(a, numel - n_bot - target_n, largest=True, low_index_first=False)
+    masked = x * ~(bottom | top).reshape(x.shape)
     return _l1_rescaled(x, masked) if rescale else masked
 
 
