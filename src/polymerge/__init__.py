@@ -6,6 +6,14 @@ from polymerge.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 
+
+def load_store(path, **kwargs):  # type: ignore[no-untyped-def]
+    """Open an expert store and return its routed runtime (see :mod:`polymerge.runtime`)."""
+    from polymerge.runtime import load_store as _load_store
+
+    return _load_store(path, **kwargs)
+
+
 __all__ = [
     "CheckpointError",
     "PolymergeError",
@@ -13,6 +21,7 @@ __all__ = [
     "RecipeError",
     "dry_run",
     "load_recipe",
+    "load_store",
     "merge",
     "merge_tensors",
 ]

@@ -15,7 +15,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from polymerge.merge import dry_run, merge
 
     if args.dry_run:
-        plan = dry_run(args.recipe, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        plan = dry_run(args.recipe, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                       force=args.force)
         print(plan.summary())
         return 0
     out = merge(args.recipe, args.output, force=args.force, device=args.device, dtype=args.dtype,
@@ -27,7 +28,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from polymerge.inspect_model import inspect_checkpoint
+    from polymerge.stores.base import is_store
 
+    if is_store(args.path):
+        from polymerge.stores import open_store
+
+        print(open_store(args.path).describe())
+        return 0
     result = inspect_checkpoint(args.path, args.base, allow_pickle=args.allow_pickle)
     print(result.render(max_tensors=args.max_tensors))
     return 0
@@ -42,6 +49,16 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             f"{p.name}{'*' if p.scope == 'per_model' else ''}"
             f"={'required' if p.default is REQUIRED else p.default}" for p in method.params)
         print(f"{method.name:18s} {method.description}\n{'':18s} parameters: {params}")
+    from polymerge.recipe import Recipe
+    from polymerge.stores import get_store_method, store_method_names
+
+    for name in store_method_names():
+        spec = get_store_method(name)
+        params = ", ".join(
+            f"{p.name}{'*' if p.scope == 'per_model' else ''}"
+            f"={'required' if p.default is REQUIRED else p.default}"
+            for p in spec.params(Recipe(merge_method=name)))
+        print(f"{name:18s} [expert store] {spec.description}\n{'':18s} parameters: {params}")
     print("\n* per-model parameter")
     return 0
 
@@ -88,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Subsystems contribute their own subcommands through ``add_commands(subparsers)``."""
-    for module_name in ("polymerge.zoo.cli",):
+    for module_name in ("polymerge.stores.cli", "polymerge.zoo.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -1,0 +1,271 @@
+"""A task router: a small MLP from a query's features to the expert that should answer it.
+
+Trained with cross-entropy on queries labelled with their expert, with early stopping on a
+held-out part of them (the weights of the best held-out loss are kept). Saved as
+``router.safetensors`` plus ``router.json`` (labels, feature model, training metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from polymerge.errors import CheckpointError, PolymergeError
+
+ROUTER_FORMAT_VERSION = 1
+WEIGHTS_FILE = "router.safetensors"
+INFO_FILE = "router.json"
+
+
+class Router(torch.nn.Module):
+    """Standardized features -> Linear -> GELU -> Dropout -> Linear -> one logit per expert."""
+
+    def __init__(self, in_features: int, experts: Sequence[str], hidden: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        if len(experts) < 1:
+            raise PolymergeError("a router needs at least one expert")
+        self.experts = list(experts)
+        self.in_features = in_features
+        self.hidden = hidden
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(in_features, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, len(self.experts)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.to(self.mean.dtype) - self.mean) / self.std
+        return self.net(x)
+
+    @torch.inference_mode()
+    def predict(self, features: torch.Tensor) -> list[str]:
+        """The expert chosen for each row of ``features``."""
+        if features.shape[0] == 0:
+            return []
+        was = self.training
+        self.eval()
+        idx = self(features.to(self.mean.device)).argmax(-1).tolist()
+        self.train(was)
+        return [self.experts[i] for i in idx]
+
+    @torch.inference_mode()
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        p = torch.softmax(self(features.to(self.mean.device)), dim=-1)
+        self.train(was)
+        return p
+
+
+@dataclass
+class TrainResult:
+    """What router training reports."""
+
+    router: Router
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int
+                     ) -> tuple[list[int], list[int]]:
+    """Indices (train, held-out): ``fraction`` of each label held out (at least one when a label
+    has two or more examples)."""
+    g = torch.Generator().manual_seed(seed)
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(int(y), []).append(i)
+    train: list[int] = []
+    held: list[int] = []
+    for y in sorted(by_label):
+        idx = by_label[y]
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        k = int(round(len(idx) * fraction))
+        if fraction > 0 and len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        held += perm[:k]
+        train += perm[k:]
+    return sorted(train), sorted(held)
+
+
+def train_router(features: torch.Tensor, labels: Sequence[str], experts: Sequence[str], *,
+                 hidden: int = 256, dropout: float = 0.1, val_fraction: float = 0.2,
+                 max_epochs: int = 300, patience: int = 25, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0
+                 ) -> TrainResult:
+    """Train a router on ``features`` (n, d) labelled with expert names.
+
+    Deterministic for a seed. Early stopping watches the held-out loss; the returned router has
+    the weights of the best held-out epoch (the last epoch when nothing is held out). Runs on
+    one CPU thread: the MLP is tiny, and intra-op threads only add contention.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_router(features, labels, experts, hidden=hidden, dropout=dropout,
+                             val_fraction=val_fraction, max_epochs=max_epochs,
+                             patience=patience, lr=lr, weight_decay=weight_decay,
+                             batch_size=batch_size, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_router(features: torch.Tensor, labels: Sequence[str], experts: Sequence[str], *,
+                  hidden: int, dropout: float, val_fraction: float, max_epochs: int,
+                  patience: int, lr: float, weight_decay: float, batch_size: int, seed: int
+                  ) -> TrainResult:
+    experts = list(experts)
+    index = {e: i for i, e in enumerate(experts)}
+    unknown = sorted({y for y in labels if y not in index})
+    if unknown:
+        raise PolymergeError(f"router data names unknown expert(s) {unknown}; experts: "
+                             f"{', '.join(experts)}")
+    if features.dim() != 2 or features.shape[0] != len(labels):
+        raise PolymergeError(f"router features must be (examples, dims); got "
+                             f"{tuple(features.shape)} for {len(labels)} labels")
+    if len(labels) == 0:
+        raise PolymergeError("router training needs at least one labelled query")
+    y = torch.tensor([index[v] for v in labels], dtype=torch.long)
+    x = features.float().cpu()
+    train_idx, val_idx = stratified_split(y.tolist(), val_fraction, seed)
+    xt, yt = x[train_idx], y[train_idx]
+    xv, yv = x[val_idx], y[val_idx]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        router = Router(x.shape[1], experts, hidden=hidden, dropout=dropout)
+    router.mean.copy_(xt.mean(0))
+    router.std.copy_(xt.std(0, unbiased=False).clamp_min(1e-6) if len(xt) > 1
+                     else torch.ones(x.shape[1]))
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best_state = {k: v.clone() for k, v in router.state_dict().items()}
+    best_loss, best_epoch, bad = math.inf, 0, 0
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    loss_fn = torch.nn.functional.cross_entropy
+    for epoch in range(max_epochs):
+        router.train()
+        perm = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 7919 + epoch)
+            for s in range(0, len(perm), batch_size):
+                b = perm[s:s + batch_size]
+                loss = loss_fn(router(xt[b]), yt[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(b)
+        router.eval()
+        with torch.no_grad():
+            row = {"epoch": epoch + 1, "train_loss": total / max(1, len(xt)),
+                   "train_accuracy": _acc(router, xt, yt)}
+            if len(xv):
+                row["val_loss"] = float(loss_fn(router(xv), yv))
+                row["val_accuracy"] = _acc(router, xv, yv)
+        history.append(row)
+        watch = row.get("val_loss", row["train_loss"])
+        if watch < best_loss - 1e-6:
+            best_loss, best_epoch, bad = watch, epoch + 1, 0
+            best_state = {k: v.clone() for k, v in router.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    router.load_state_dict(best_state)
+    router.eval()
+    with torch.no_grad():
+        metrics: dict[str, Any] = {
+            "examples": len(labels), "train_examples": len(xt), "val_examples": len(xv),
+            "train_accuracy": _acc(router, xt, yt),
+            "val_accuracy": _acc(router, xv, yv) if len(xv) else float("nan"),
+            "best_epoch": best_epoch, "epochs_run": len(history),
+            "seconds": round(time.perf_counter() - start, 3)}
+    return TrainResult(router, metrics, history)
+
+
+def _acc(router: Router, x: torch.Tensor, y: torch.Tensor) -> float:
+    if len(x) == 0:
+        return float("nan")
+    return float((router(x).argmax(-1) == y).float().mean())
+
+
+def accuracy(router: Router, features: torch.Tensor, labels: Sequence[str]) -> float:
+    """Share of queries routed to their labelled expert."""
+    if len(labels) == 0:
+        return float("nan")
+    got = router.predict(features)
+    return sum(a == b for a, b in zip(got, labels, strict=True)) / len(labels)
+
+
+def per_expert_accuracy(router: Router, features: torch.Tensor, labels: Sequence[str]
+                        ) -> dict[str, float]:
+    got = router.predict(features)
+    out: dict[str, float] = {}
+    for e in router.experts:
+        idx = [i for i, y in enumerate(labels) if y == e]
+        if idx:
+            out[e] = sum(got[i] == e for i in idx) / len(idx)
+    return out
+
+
+def save_router(folder: str | Path, router: Router, info: dict[str, Any]) -> Path:
+    """Write the router into ``folder`` (replaced atomically if it exists)."""
+    target = Path(folder).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()},
+                  str(tmp / WEIGHTS_FILE))
+        meta = {"format_version": ROUTER_FORMAT_VERSION, "experts": router.experts,
+                "in_features": router.in_features, "hidden": router.hidden,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
+        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_router(folder: str | Path, *, experts: Sequence[str] | None = None) -> Router:
+    """Load a saved router; with ``experts``, check it routes to exactly those, in order."""
+    path = Path(folder).expanduser()
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: no readable router ({exc})") from None
+    version = info.get("format_version", 0)
+    if version > ROUTER_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: router format version {version} is newer than this "
+                              f"polymerge reads ({ROUTER_FORMAT_VERSION}); upgrade polymerge")
+    if experts is not None and list(experts) != list(info["experts"]):
+        raise CheckpointError(f"{path}: the router routes to {info['experts']}, the store has "
+                              f"{list(experts)}; retrain it with `polymerge router train`")
+    router = Router(int(info["in_features"]), info["experts"], hidden=int(info["hidden"]))
+    router.load_state_dict(state)
+    router.info = info  # type: ignore[attr-defined]
+    return router.eval()
+
+
+def router_info(folder: str | Path) -> dict[str, Any] | None:
+    f = Path(folder).expanduser() / INFO_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

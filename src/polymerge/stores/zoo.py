@@ -1,0 +1,158 @@
+"""Expert stores on the zoo: per-task weights with oracle or trained routing, report rows.
+
+* :func:`store_weights` turns a store into the zoo's ``WeightsFn``: one routed module (one
+  working model, weights switched by lookup) whose expert is each task's own (``oracle``) or
+  chosen per input by the store's router (``router``).
+* :func:`register` adds a target loader so ``polymerge eval STORE --suite ...`` scores a store
+  with oracle routing and ``polymerge eval STORE/router --suite ...`` with its trained router.
+* :func:`store_rows` builds TIES-CM and DARE-CM stores of a suite's experts, trains their
+  routers on the suite's validation queries, and scores both routings, as report rows.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from polymerge.errors import PolymergeError
+from polymerge.stores.base import ROUTER_DIR, is_store, read_manifest
+
+ORACLE = "oracle"
+ROUTER = "router"
+ZOO_SCOPE = "."
+"""Every 2-D weight is channel-merged in the zoo, embeddings included: in these small models
+the embeddings are 21-51% of the parameters, so keeping them per expert (the recipe default's
+scope is the transformer blocks) would cost 60-77% of the ensemble instead of about half."""
+CM_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("TIES-CM", {"group_method": "ties", "scope": ZOO_SCOPE}),
+    ("DARE-CM", {"group_method": "dare_ties", "scope": ZOO_SCOPE}),
+)
+"""The paper's two variants, with its defaults (K = 2, 30% trimmed or dropped, lambda 0.5)."""
+
+
+def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,
+                  device: str = "cpu") -> Any:
+    """The suite's ``WeightsFn`` for a store: the same routed module for every task.
+
+    With ``oracle`` routing the module uses the task's own expert (set when the suite asks for
+    that task's weights); with ``router`` it routes every input with the store's router.
+    """
+    from polymerge.runtime import load_store
+
+    if routing not in (ORACLE, ROUTER):
+        raise PolymergeError(f"routing must be {ORACLE} or {ROUTER}, got {routing!r}")
+    rt = load_store(path, device=device)
+    missing = [t for t in suite.tasks if t not in rt.experts]
+    if missing:
+        raise PolymergeError(f"{Path(path).name}: no expert for task(s) {missing}; the store's "
+                             f"experts are {rt.experts} (name each expert after its task)")
+    if routing == ROUTER and rt.router is None:
+        raise PolymergeError(f"{Path(path).name} has no router; train one with `polymerge "
+                             f"router train {path} --suite {suite.name}`")
+    module = rt.as_module()
+
+    def weights(task: str) -> Any:
+        module.expert = task if routing == ORACLE else None
+        return module
+
+    weights.runtime = rt  # type: ignore[attr-defined]
+    weights.routing = routing  # type: ignore[attr-defined]
+    return weights
+
+
+def target_loader(path: Path, suite: Any) -> Any:
+    """``STORE`` -> oracle routing; ``STORE/router`` -> the store's trained router."""
+    if is_store(path):
+        return store_weights(path, suite, ORACLE)
+    if path.name == ROUTER_DIR and is_store(path.parent):
+        return store_weights(path.parent, suite, ROUTER)
+    return None
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Let the zoo's ``resolve_target`` accept stores (idempotent); False without the zoo."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from polymerge.zoo.evaluate import register_target_loader
+    except ImportError:
+        return False
+    register_target_loader(target_loader)
+    _registered = True
+    return True
+
+
+def store_params_ratio(suite: Any, store: str | Path) -> float:
+    """Stored parameters (plus the experts' private parts, e.g. heads) over the ensemble's."""
+    shared, private = suite.expert_parameters()
+    stored = read_manifest(store)["parameter_counts"]["stored"]
+    ensemble = len(suite.tasks) * shared + private
+    return (stored + private) / ensemble if ensemble else float("nan")
+
+
+def channel_recipe(suite: Any, **params: Any) -> dict[str, Any]:
+    """A channel-store recipe over the suite's experts, each named after its task."""
+    return {"merge_method": "channel", "base_model": str(suite.base_dir),
+            "models": [{"model": str(suite.expert_dir(t)), "name": t} for t in suite.tasks],
+            "parameters": dict(params), "dtype": "float32", "seed": 0}
+
+
+def train_suite_router(store: str | Path, suite: Any, **kwargs: Any) -> dict[str, Any]:
+    """Train the store's router on the suite's validation queries; score its test queries."""
+    from polymerge.routing import suite_texts, train_store_router
+
+    data = suite_texts(suite, "validation")
+    test = suite_texts(suite, "test")
+    result = train_store_router(store, data, test=test, source=f"suite:{suite.name}",
+                                **kwargs)
+    return result.metrics
+
+
+def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_VARIANTS, *,
+               routers: bool = True, progress: bool = True, keep: bool = True,
+               out_root: Path | None = None) -> list[Any]:
+    """Build, route and score each store variant; two rows each (oracle, router)."""
+    from polymerge import merge
+    from polymerge.zoo.evaluate import Row
+
+    rows: list[Any] = []
+    root = Path(out_root) if out_root else suite.root / "stores"
+    for label, params in variants:
+        out = root / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+        recipe = channel_recipe(suite, **params)
+        start = time.time()
+        try:
+            merge(recipe, out, force=True, progress=False)
+        except PolymergeError as exc:
+            rows.append(Row(label, {}, note=f"failed: {exc}"))
+            continue
+        build = time.time() - start
+        ratio = store_params_ratio(suite, out)
+        k = read_manifest(out)["parameters"].get("groups")
+        note = f"store, K={k}, {params.get('group_method', 'ties')} within groups"
+        scores = suite.evaluate(store_weights(out, suite, ORACLE), progress=progress)
+        rows.append(Row(f"{label} (oracle)", scores, note=f"{note}; each task's own expert",
+                        params_ratio=ratio, build_seconds=build,
+                        extra={"path": str(out), "recipe": recipe, "routing": ORACLE}))
+        if routers:
+            start = time.time()
+            metrics = train_suite_router(out, suite)
+            router_s = time.time() - start
+            scores = suite.evaluate(store_weights(out, suite, ROUTER), progress=progress)
+            acc = metrics.get("test_accuracy", float("nan"))
+            rows.append(Row(f"{label} (router)", scores,
+                            note=f"{note}; trained router, test routing accuracy {acc:.3f}",
+                            params_ratio=ratio, build_seconds=build + router_s,
+                            extra={"path": str(out), "recipe": recipe, "routing": ROUTER,
+                                   "router": metrics}))
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
