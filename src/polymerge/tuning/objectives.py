@@ -1,0 +1,307 @@
+"""Task objectives: what the merged model is asked to do while its coefficients are learned.
+
+The training loop knows nothing about suites or architectures. An objective owns the model
+(loaded once from the base; its own weights are never changed), turns examples into model
+inputs once, and maps a batch to per-task logits and targets through ``forward``, which runs
+the model with the merged weights (``torch.func.functional_call``). The method's criterion,
+cross-entropy (SuperMerge) or prediction entropy (AdaMerging), is applied on top.
+
+Two objectives cover the zoo: encoder + per-task frozen heads (the cls suite: each task's head
+on the mean-pooled encoder output) and causal LMs (next-token prediction of each domain's text).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from polymerge.errors import CheckpointError
+from polymerge.tuning.data import DataError, Example, TaskSpec
+from polymerge.tuning.params import Criterion
+
+Forward = Callable[..., Any]
+HEAD_FILE = "heads/head.safetensors"
+LABELS_FILE = "heads/labels.json"
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Item:
+    """A tokenized example."""
+
+    ids: tuple[int, ...]
+    task: str
+    label: int | None
+
+
+@dataclass
+class TaskOutput:
+    """One task's rows of a batch: logits ``[n, classes]`` and targets ``[n]`` (or None)."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor | None
+
+
+class Objective(Protocol):
+    """What the coefficient trainer needs from a suite or an architecture."""
+
+    model: torch.nn.Module
+    specs: tuple[TaskSpec, ...]
+
+    def prepare(self, examples: Sequence[Example]) -> list[Item]:
+        """Tokenize once; raise DataError naming the example when one cannot be used."""
+
+    def outputs(self, forward: Forward, items: Sequence[Item]) -> dict[str, TaskOutput]:
+        """Per task in the batch, its logits and targets, from one pass of ``forward``."""
+
+    def to(self, device: torch.device) -> Objective:
+        """Move the model (and heads) to the compute device."""
+
+
+def task_losses(outputs: dict[str, TaskOutput], criterion: Criterion
+                ) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per task the summed loss over its rows and the number of rows (to average later)."""
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for task, o in outputs.items():
+        n = o.logits.shape[0]
+        if n == 0:
+            continue
+        logits = o.logits.float()
+        if criterion == "cross_entropy":
+            if o.targets is None:
+                raise DataError(f"task {task!r}: cross-entropy needs labels")
+            loss = F.cross_entropy(logits, o.targets, reduction="sum")
+        else:
+            logp = F.log_softmax(logits, dim=-1)
+            loss = -(logp.exp() * logp).sum()
+        out[task] = (loss, n)
+    return out
+
+
+def mean_over_tasks(losses: dict[str, tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Each task weighs the same, whatever its number of rows (tokens or examples)."""
+    return torch.stack([s / n for s, n in losses.values()]).mean()
+
+
+def pad(items: Sequence[Item], pad_id: int, device: torch.device | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask."""
+    n = max(len(it.ids) for it in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, : len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
+        mask[i, : len(it.ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+class _Tokenized:
+    """Shared tokenization for both objectives."""
+
+    tokenizer: Any
+    max_length: int
+    min_tokens: int = 1
+
+    def prepare(self, examples: Sequence[Example]) -> list[Item]:
+        if not examples:
+            return []
+        texts = [e.text for e in examples if e.ids is None]
+        encoded = iter(self.tokenizer(texts, truncation=True, max_length=self.max_length)[
+            "input_ids"] if texts else [])
+        items = []
+        for ex in examples:
+            ids = ex.ids[: self.max_length] if ex.ids is not None else next(encoded)
+            if len(ids) < self.min_tokens:
+                raise DataError(f"{ex.where}: the text has {len(ids)} token(s); at least "
+                                f"{self.min_tokens} are needed")
+            items.append(Item(tuple(int(i) for i in ids), ex.task, ex.label))
+        return items
+
+
+class ClassifierObjective(_Tokenized):
+    """An encoder shared by all tasks, each task classified by its own frozen linear head
+    on the mean-pooled token vectors (the zoo's cls layout: heads under ``heads/``)."""
+
+    def __init__(self, model: torch.nn.Module, heads: dict[str, torch.nn.Module],
+                 specs: Sequence[TaskSpec], tokenizer: Any, max_length: int) -> None:
+        self.model = _frozen(model)
+        self.heads = {k: _frozen(h) for k, h in heads.items()}
+        self.specs = tuple(specs)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = _pad_id(tokenizer)
+
+    def to(self, device: torch.device) -> ClassifierObjective:
+        self.model.to(device)
+        for head in self.heads.values():
+            head.to(device)
+        return self
+
+    def outputs(self, forward: Forward, items: Sequence[Item]) -> dict[str, TaskOutput]:
+        ids, mask = pad(items, self.pad_id, _device(self.model))
+        out = forward(input_ids=ids, attention_mask=mask)
+        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        result: dict[str, TaskOutput] = {}
+        for task in dict.fromkeys(it.task for it in items):
+            rows = [i for i, it in enumerate(items) if it.task == task]
+            labels = [items[i].label for i in rows]
+            targets = None if any(y is None for y in labels) else \
+                torch.tensor(labels, device=ids.device)
+            result[task] = TaskOutput(self.heads[task](pooled[rows]), targets)
+        return result
+
+
+class CausalLMObjective(_Tokenized):
+    """Next-token prediction on each domain's text: rows are token positions."""
+
+    min_tokens = 2
+
+    def __init__(self, model: torch.nn.Module, specs: Sequence[TaskSpec], tokenizer: Any,
+                 max_length: int) -> None:
+        self.model = _frozen(model)
+        self.specs = tuple(specs)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = _pad_id(tokenizer)
+
+    def to(self, device: torch.device) -> CausalLMObjective:
+        self.model.to(device)
+        return self
+
+    def outputs(self, forward: Forward, items: Sequence[Item]) -> dict[str, TaskOutput]:
+        ids, mask = pad(items, self.pad_id, _device(self.model))
+        out = forward(input_ids=ids, attention_mask=mask)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        keep = mask[:, 1:].bool()
+        result: dict[str, TaskOutput] = {}
+        for task in dict.fromkeys(it.task for it in items):
+            rows = torch.tensor([it.task == task for it in items], device=ids.device)
+            sel = keep & rows.unsqueeze(1)
+            result[task] = TaskOutput(logits[:, :-1][sel], ids[:, 1:][sel])
+        return result
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def _architectures(base: Path) -> list[str]:
+    cfg = base / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"base_model {base}: learned merges need an HF model folder with "
+                              "config.json (the model is run while its coefficients train)")
+    return list(json.loads(cfg.read_text()).get("architectures") or [])
+
+
+def is_causal_lm(base: Path) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(base))
+
+
+def _head(expert: Path, name: str) -> tuple[torch.nn.Linear, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(expert / HEAD_FILE))
+        meta = json.loads((expert / LABELS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"expert {name}: no readable task head in {expert / 'heads'} "
+                              f"({exc})") from None
+    if meta.get("pooling", "mean") != "mean":
+        raise CheckpointError(f"expert {name}: pooling {meta['pooling']!r} is not supported "
+                              "(mean pooling only)")
+    w = sd["weight"]
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias="bias" in sd)
+    head.load_state_dict(sd)
+    return head, meta
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No load reports or progress bars from transformers while the model loads."""
+    import transformers.utils.logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def make_objective(base: Path, experts: Sequence[tuple[str, Path]], tokenizer_dir: Path,
+                   max_length: int | None) -> Objective:
+    """The objective the base's architecture and the experts' files call for.
+
+    A causal LM base gives next-token prediction; a bare encoder whose experts carry
+    ``heads/`` gives per-task classification. Anything else is refused with the reason.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"no tokenizer in {tokenizer_dir} ({exc}); set "
+                              "tokenizer_source") from None
+    if is_causal_lm(base):
+        specs = [TaskSpec(name, path) for name, path in experts]
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return CausalLMObjective(model, specs, tokenizer, max_length or DEFAULT_MAX_LENGTH)
+    missing = [name for name, path in experts if not (path / HEAD_FILE).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"expert {missing[0]} has no {HEAD_FILE}: learned merges of encoders need each "
+            "expert's task head (the zoo's cls layout), or use a causal LM")
+    heads: dict[str, torch.nn.Module] = {}
+    specs = []
+    lengths = []
+    for name, path in experts:
+        head, meta = _head(path, name)
+        heads[name] = head
+        task = meta.get("task")
+        labels = tuple(str(y) for y in (meta.get("labels") or range(head.out_features)))
+        if len(labels) != head.out_features:
+            raise CheckpointError(f"expert {name}: {len(labels)} labels for a head with "
+                                  f"{head.out_features} outputs")
+        specs.append(TaskSpec(name, path, (task,) if isinstance(task, str) else (), labels))
+        if isinstance(meta.get("max_len"), int):
+            lengths.append(meta["max_len"])
+    with quiet_transformers():
+        model = AutoModel.from_pretrained(base, dtype=torch.float32)
+    hidden = getattr(model.config, "hidden_size", None)
+    for name, head in heads.items():
+        if hidden is not None and head.in_features != hidden:
+            raise CheckpointError(f"expert {name}: its head takes {head.in_features} features, "
+                                  f"the encoder gives {hidden}")
+    length = max_length or (max(lengths) if lengths else DEFAULT_MAX_LENGTH)
+    return ClassifierObjective(model, heads, specs, tokenizer, length)

