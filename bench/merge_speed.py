@@ -611,6 +611,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "merge_speed.md",
                    help="markdown file written with the results ('-' to not write one)")
     p.add_argument("--io-floor", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--render-from", type=Path, metavar="JSON",
+                   help="re-render the report from a saved last_run.json, running nothing")
     return p.parse_args(argv)
 
 
@@ -621,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         io_floor(out, inputs)
         return 0
 
+    if args.render_from:
+        return rerender(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
@@ -722,6 +726,29 @@ def main(argv: list[str] | None = None) -> int:
          "argv": _argv_for_report(args), "date": _now()}, indent=1, default=str))
     report = render(args, arch, caches, methods, runs, parity, loads, elapsed, mk_bin)
     print()
+    print(report)
+    if str(args.results) != "-":
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(report)
+        print(f"wrote {args.results}")
+    return 0
+
+
+def rerender(args: argparse.Namespace, versions_note: str = "") -> int:
+    """Write the report again from a saved ``last_run.json`` (same numbers, new layout)."""
+    data = json.loads(args.render_from.read_text())
+    runs = [Run(**r) for r in data["runs"]]
+    if data.get("argv"):
+        args = parse_args([*data["argv"], "--results", str(args.results)])
+    methods = data.get("methods") or list(dict.fromkeys(r.method for r in runs))
+    caches = data.get("caches") or list(dict.fromkeys(r.cache for r in runs))
+    loads = data.get("loads") or [r.load1 for r in runs]
+    workdir = args.workdir.expanduser().absolute()
+    mk_bin = workdir / "mergekit-venv" / "bin"
+    has_mk = any(r.tool == "mergekit" for r in runs)
+    report = render(args, arch_for(args.params), caches, methods, runs, data["parity"], loads,
+                    data.get("elapsed", float("nan")), mk_bin if has_mk else None,
+                    date=data.get("date"), versions_note=versions_note)
     print(report)
     if str(args.results) != "-":
         args.results.parent.mkdir(parents=True, exist_ok=True)
