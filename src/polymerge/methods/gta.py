@@ -91,6 +91,13 @@ def gta_merge(
                              generator=generator, gamma=gammas[i], epsilon=epsilons[i])
         weighted.append(delta.mul_(weights[i]))
 
+    return mix_weighted(base, weighted, weights, consensus=consensus, normalize=normalize,
+                        lam=lam)
+
+
+def mix_weighted(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
+                 *, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+    """Steps 3-4 on weighted, thinned deltas; shared with Channel Merging's per-group merges."""
     if consensus:
         total = weighted[0].clone()
         for delta in weighted[1:]:

@@ -32,7 +32,7 @@ import torch
 
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.checkpoint import TensorInfo
-from polymerge.methods.gta import per_model
+from polymerge.methods.gta import mix_weighted, per_model
 from polymerge.methods.registry import MergeMethod, Param, get_method
 from polymerge.methods.sparsify import Sparsification, sparsify
 from polymerge.plan import MergePlan, TensorJob
@@ -262,40 +262,14 @@ def group_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], assignment:
             else:
                 ds = [weighted[i] if rows is None else weighted[i].index_select(0, rows)
                       for i in members]
-                merged = _mix(sub_base, ds, [weights[i] for i in members], consensus,
-                              normalize, lam)
+                # The plain merge's own mix step, so K = 1 is bit for bit the plain merge.
+                merged = mix_weighted(sub_base, ds, [weights[i] for i in members],
+                                      consensus=consensus, normalize=normalize, lam=lam)
             if rows is None:
                 out[g] = merged
             else:
                 out[g].index_copy_(0, rows, merged)
     return out
-
-
-def _mix(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
-         consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
-    """Steps 3-4 of ``gta_merge`` on weighted, thinned deltas: the same operations in the same
-    order (so K = 1 is bit for bit the plain merge; the K = 1 tests guard this)."""
-    if consensus:
-        total = weighted[0].clone()
-        for delta in weighted[1:]:
-            total.add_(delta)
-        elected_positive = total >= 0
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for w, delta in zip(weights, weighted, strict=True):
-            agree = torch.where(elected_positive, delta > 0, delta < 0)
-            mixed.add_(delta * agree)
-            divisor.add_(agree, alpha=w)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted[0].clone()
-        for delta in weighted[1:]:
-            mixed.add_(delta)
-        total_weight = sum(weights)
-        divisor = torch.tensor(1.0 if abs(total_weight) < 1e-8 else total_weight)
-    if normalize:
-        mixed = mixed.div_(divisor)
-    return base + mixed.mul_(lam)
 
 
 def _merge_by_masks(out: torch.Tensor, base: torch.Tensor, weighted: Sequence[torch.Tensor],
@@ -309,7 +283,8 @@ def _merge_by_masks(out: torch.Tensor, base: torch.Tensor, weighted: Sequence[to
         member = (assignment == g).reshape(len(weighted), rows, *tail)
         masked = [d * member[i] for i, d in enumerate(weighted)]
         if consensus:
-            out[g] = _mix(base, masked, weights, True, normalize, lam)
+            out[g] = mix_weighted(base, masked, weights, consensus=True, normalize=normalize,
+                                  lam=lam)
             continue
         mixed = masked[0].clone()
         for delta in masked[1:]:
