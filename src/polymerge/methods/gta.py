@@ -82,17 +82,31 @@ def gta_merge(
     gammas = per_model(gamma, n, "gamma")
     epsilons = per_model(epsilon, n, "epsilon")
     # Expert by expert with in-place accumulation: stacking N deltas would copy every input
-    # once more and make the reductions run over an (N, ...) tensor, about 3x slower.
-    weighted = []
+    # once more and make the reductions run over an (N, ...) tensor, about 3x slower. Without
+    # sign election nothing needs all deltas at once, so they are summed as they come (same
+    # operations in the same order as mix_weighted, so results are bit-identical).
+    weighted: list[torch.Tensor] = []
+    mixed: torch.Tensor | None = None
     for i, expert in enumerate(experts):
         delta = expert.float() - base
         if sparsification is not None:
             delta = sparsify(delta, sparsification, density=densities[i], rescale=rescale,
                              generator=generator, gamma=gammas[i], epsilon=epsilons[i])
-        weighted.append(delta.mul_(weights[i]))
-
-    return mix_weighted(base, weighted, weights, consensus=consensus, normalize=normalize,
-                        lam=lam)
+        delta.mul_(weights[i])
+        if consensus:
+            weighted.append(delta)
+        elif mixed is None:
+            mixed = delta
+        else:
+            mixed.add_(delta)
+    if consensus:
+        return mix_weighted(base, weighted, weights, consensus=True, normalize=normalize,
+                            lam=lam)
+    assert mixed is not None
+    if normalize:
+        total_weight = sum(weights)
+        mixed.div_(1.0 if abs(total_weight) < 1e-8 else total_weight)
+    return mixed.mul_(lam).add_(base)
 
 
 def mix_weighted(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
