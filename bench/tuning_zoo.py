@@ -76,7 +76,8 @@ def main() -> int:
     p.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     p.add_argument("--steps", type=int, help="override every learned variant's steps")
     p.add_argument("--variants", help="comma-separated labels of learned variants to run")
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--baselines", help="comma-separated labels of static baselines to run "
+                   "(default: all; 'none' for none)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each merge")
     p.add_argument("--work", type=Path, default=Path("/tmp/polymerge-tuning-bench"))
     p.add_argument("--out", type=Path, default=Path("bench/results/tuning.md"))
@@ -94,8 +95,9 @@ def main() -> int:
     ensemble = refs["ensemble"]
 
     jobs: list[tuple[str, dict[str, Any]]] = []
-    if not args.no_baselines:
-        jobs += [(label, baseline_recipe(suite, *spec)) for label, spec in BASELINES.items()]
+    wanted = list(BASELINES) if not args.baselines else [
+        b for b in args.baselines.split(",") if b != "none"]
+    jobs += [(label, baseline_recipe(suite, *BASELINES[label])) for label in wanted]
     overrides = {"steps": args.steps} if args.steps else {}
     learned = learned_recipes(suite, **overrides)
     chosen = args.variants.split(",") if args.variants else list(learned)
