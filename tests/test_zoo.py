@@ -340,6 +340,25 @@ def test_report_has_a_row_per_registered_method(mini: ClsSuite, refs: dict, tmp_
             assert r.note
 
 
+
+def test_paper_settings_and_learned_rows(mini: ClsSuite, refs: dict) -> None:
+    from polymerge.tuning.zoo import learned_recipes
+    from polymerge.zoo.report import PAPER_SETTINGS, learned_rows, paper_plans
+
+    plans = {p.name: p for p in paper_plans(mini)}
+    assert set(plans) == set(PAPER_SETTINGS)
+    ties = plans["ties density=0.7 lambda=0.5"].recipe
+    assert ties["parameters"] == {"lambda": 0.5}
+    assert all(m["parameters"]["density"] == 0.7 for m in ties["models"])
+
+    rows = learned_rows(mini, progress=False, keep=False, steps=2, eval_every=1)
+    assert [r.name for r in rows] == list(learned_recipes(mini))
+    for r in rows:
+        assert set(r.scores) == set(mini.tasks), r.note
+        assert "learned coefficients" in r.note and "s tuning" in r.note
+        assert not Path(r.extra["path"]).exists()  # keep=False removed the checkpoint
+
+
 def test_demo_prints_the_comparison(mini: ClsSuite, refs: dict, tmp_path: Path) -> None:
     from polymerge.zoo.demo import DEMO_METHODS, run_demo
 

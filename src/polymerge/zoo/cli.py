@@ -151,7 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     command = "polymerge " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
     res = run_report(suite, methods=methods, md_path=args.md, png_path=args.plot,
                      progress=not args.quiet, keep=not args.no_keep, command=command,
-                     stores=args.stores)
+                     stores=args.stores, paper=args.paper, learned=args.learned)
     print(res["text"])
     print(f"report written to {res['markdown']}")
     print(f"plot written to {res['plot']}")
@@ -254,6 +254,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stores", action="store_true",
                    help="also build and score the expert stores (channel merging, oracle and "
                         "trained-router routing), when that part is installed")
+    p.add_argument("--paper", action="store_true",
+                   help="also run task arithmetic, TIES and DARE at the papers' settings "
+                        "(lambda 0.3; top 20%%; 30%% trimmed or dropped, lambda 0.5)")
+    p.add_argument("--learned", action="store_true",
+                   help="also run the learned merges (SuperMerge flat and hierarchical, "
+                        "AdaMerging task- and layer-wise on cls; SuperMerge on gen); slow")
     _common(p)
     p.set_defaults(func=cmd_report, argv=None)
 

@@ -33,6 +33,15 @@ from polymerge.zoo.suite import Suite
 
 FILLED_DEFAULTS: dict[str, Any] = {"weight": 1.0, "t": 0.5}
 """Values the zoo gives to parameters that have no registered default."""
+PAPER_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "task_arithmetic lambda=0.3": ("task_arithmetic", {"lambda": 0.3}),
+    "ties density=0.2": ("ties", {"density": 0.2}),
+    "ties density=0.7 lambda=0.5": ("ties", {"density": 0.7, "lambda": 0.5}),
+    "dare_ties density=0.7 lambda=0.5": ("dare_ties", {"density": 0.7, "lambda": 0.5}),
+}
+"""The settings the papers use, next to the registered (mergekit) defaults: Twin-Merging's task
+arithmetic (lambda 0.3), TIES' top 20%, and Channel Merging's 30% trimmed or dropped with
+lambda 0.5 (the same merge as one TIES-CM/DARE-CM group)."""
 
 
 @dataclass
@@ -127,6 +136,34 @@ def run_plans(suite: Suite, plans: Sequence[Plan], *, progress: bool = True,
     return rows
 
 
+def paper_plans(suite: Suite) -> list[Plan]:
+    """Plans for :data:`PAPER_SETTINGS` (the papers' parameters instead of the defaults)."""
+    from polymerge.methods.registry import get_method
+
+    return [plan_method(get_method(m), suite, params, label=label)
+            for label, (m, params) in PAPER_SETTINGS.items()]
+
+
+def learned_rows(suite: Suite, *, progress: bool = True, keep: bool = True,
+                 **overrides: Any) -> list[Row]:
+    """Rows for the learned merges (SuperMerge, AdaMerging) the suite defines, each noted with
+    its number of coefficients, tuning time and memory; none when tuning is not installed."""
+    try:
+        from polymerge.tuning.zoo import learned_note, learned_recipes
+    except ImportError:
+        return []
+    plans = [Plan(label, recipe) for label, recipe in
+             learned_recipes(suite, **overrides).items()]
+    rows = run_plans(suite, plans, progress=progress, keep=True)
+    for row in rows:
+        path = row.extra.get("path")
+        if path:
+            row.note = learned_note(path)
+            if not keep:
+                shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
 def reference_table_rows(suite: Suite, refs: dict[str, Any]) -> tuple[Row, Row]:
     """The base and the ensemble as comparison rows (stored params 1/N and 1)."""
     shared, private = suite.expert_parameters()
@@ -210,9 +247,11 @@ def store_rows(suite: Suite, *, progress: bool = True, keep: bool = True) -> lis
 def run_report(suite: Suite, *, methods: Sequence[str] | None = None,
                md_path: Path | None = None, png_path: Path | None = None,
                progress: bool = True, keep: bool = True, command: str = "",
-               stores: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the zoo, run the methods (and, with ``stores``, the expert stores),
-    write markdown and PNG; return the paths, rows and text."""
+               stores: bool = False, paper: bool = False, learned: bool = False
+               ) -> dict[str, Any]:
+    """Build (or reuse) the zoo, run the methods (with ``paper``, also at the papers' settings;
+    with ``stores``, the expert stores; with ``learned``, the learned merges), write markdown
+    and PNG; return the paths, rows and text."""
     from polymerge.methods import all_methods
     from polymerge.methods.registry import get_method
     from polymerge.zoo.plot import bar_chart
@@ -221,7 +260,11 @@ def run_report(suite: Suite, *, methods: Sequence[str] | None = None,
     refs = reference_rows(suite, progress=progress)
     chosen = [get_method(m) for m in methods] if methods else list(all_methods())
     plans = [plan_method(m, suite) for m in chosen]
+    if paper:
+        plans += paper_plans(suite)
     rows = run_plans(suite, plans, progress=progress, keep=keep)
+    if learned:
+        rows += learned_rows(suite, progress=progress, keep=keep)
     if stores:
         rows += store_rows(suite, progress=progress, keep=keep)
     out_dir = suite.root / "report"
