@@ -39,6 +39,10 @@ def main() -> None:
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--groups", default="1,2,3,N", help="comma-separated K values (N = all)")
     ap.add_argument("--methods", default="ties,dare_ties")
+    ap.add_argument("--density", type=float, default=0.7,
+                    help="fraction of each delta kept (paper: 0.7, i.e. 30%% trimmed/dropped)")
+    ap.add_argument("--lambda", dest="lam", type=float, default=0.5,
+                    help="scale of each group's merged delta (paper: 0.5)")
     ap.add_argument("--router", action="store_true", help="also train and score routers (K=2)")
     ap.add_argument("--no-static", action="store_true", help="skip the static baselines")
     ap.add_argument("--out", type=Path)
@@ -81,10 +85,12 @@ def main() -> None:
 
     for method in methods:
         for k in ks:
-            out = work / f"{method}-k{k}"
+            out = work / f"{method}-k{k}-d{args.density:g}-l{args.lam:g}"
             start = time.time()
             polymerge.merge(channel_recipe(suite, groups=k, group_method=method,
-                                           scope=ZOO_SCOPE), out, force=True, progress=False)
+                                           scope=ZOO_SCOPE, density=args.density,
+                                           **{"lambda": args.lam}),
+                            out, force=True, progress=False)
             build = time.time() - start
             ratio = store_params_ratio(suite, out)
             scores = suite.evaluate(store_weights(out, suite), progress=False)
@@ -100,9 +106,9 @@ def main() -> None:
     if not args.no_static:
         from polymerge.methods import get_method
 
-        for name, params in (("ties", {"density": 0.7, "lambda": 0.5}),
-                             ("dare_ties", {"density": 0.7, "lambda": 0.5}),
-                             ("task_arithmetic", {"lambda": 0.5})):
+        same = {"density": args.density, "lambda": args.lam}
+        for name, params in (("ties", same), ("dare_ties", same),
+                             ("task_arithmetic", {"lambda": args.lam})):
             plan = plan_method(get_method(name), suite, params, label=name)
             out = work / f"static-{name}"
             start = time.time()
@@ -125,15 +131,16 @@ def main() -> None:
         "",
         f"Scores: test {suite.primary} per task; normalized = mean of score / own expert x 100 "
         f"(the base scores {base['normalized_mean']:.1f}, the ensemble 100 at ratio 1). "
-        "Stores use the paper's defaults (density 0.7, lambda 0.5), every 2-D weight "
-        "channel-merged (scope `.`), norms and biases per expert; static merges use the same "
-        "density and lambda.",
+        f"Stores use density {args.density:g} and lambda {args.lam:g} (the paper's defaults: "
+        "0.7 and 0.5), every 2-D weight channel-merged (scope `.`), norms and biases per "
+        "expert; static merges use the same density and lambda.",
         "",
         ev.markdown_table(header, rows),
         "",
     ])
+    tag = "" if (args.density, args.lam) == (0.7, 0.5) else f"-d{args.density:g}-l{args.lam:g}"
     out_md = args.out or ROOT / "bench" / "results" / \
-        f"channel_k_sweep_{suite.name}{'' if suite.scale == 'full' else '-' + suite.scale}.md"
+        f"channel_k_sweep_{suite.name}{'' if suite.scale == 'full' else '-' + suite.scale}{tag}.md"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
     print(text)

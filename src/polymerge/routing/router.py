@@ -67,6 +67,34 @@ class Router(torch.nn.Module):
         self.train(was)
         return p
 
+    @torch.inference_mode()
+    def weights(self, features: torch.Tensor, temperature: float = 1.0,
+                top_k: int | None = None) -> torch.Tensor:
+        """Soft mixing weights (batch, N): ``softmax(logits / temperature)``.
+
+        With ``top_k`` only the k largest weights of each row are kept and renormalized to sum
+        to 1. A small temperature approaches one-hot routing.
+        """
+        n = len(self.experts)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise PolymergeError(f"router temperature must be a number > 0, got "
+                                 f"{temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= n):
+            raise PolymergeError(f"router top_k must be an integer from 1 to {n} (the number "
+                                 f"of experts), got {top_k!r}")
+        was = self.training
+        self.eval()
+        logits = self(features.to(self.mean.device)).float()
+        self.train(was)
+        p = torch.softmax(logits / float(temperature), dim=-1)
+        if top_k is not None and top_k < n:
+            values, index = p.topk(top_k, dim=-1)
+            p = torch.zeros_like(p).scatter_(-1, index, values)
+            p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        return p
+
 
 @dataclass
 class TrainResult:

@@ -103,6 +103,9 @@ def train_store_router(store: str | Path, data: LabelledTexts, *,
                        features: FeatureModel | None = None, source: str = "") -> TrainResult:
     """Train a router for ``store`` on ``data`` and save it inside the store (``router/``).
 
+    Features come from the base model, except for twin stores, whose router reads the
+    store's shared model (recorded as ``feature.model = "store:shared"``).
+
     ``test`` (optional) is scored after training and reported as ``test_accuracy``.
     """
     from polymerge.stores.base import ROUTER_DIR, read_manifest
@@ -117,7 +120,19 @@ def train_store_router(store: str | Path, data: LabelledTexts, *,
     missing = [e for e in experts if e not in set(data.experts)]
     if missing:
         raise PolymergeError(f"router data has no queries for expert(s) {missing}")
-    fm = features or feature_model_for(folder, manifest, base, device, max_length)
+    twin = manifest.get("method") == "twin"
+    if features is not None:
+        fm = features
+    elif twin:
+        # A twin store routes on its shared model (what its runtime runs in pass 1).
+        if base is not None:
+            raise PolymergeError(f"{folder.name} is a twin store: its router's features come "
+                                 "from the store's own shared model; --base does not apply")
+        from polymerge.runtime.twin import shared_feature_model
+
+        fm = shared_feature_model(folder, device=device, max_length=max_length)
+    else:
+        fm = feature_model_for(folder, manifest, base, device, max_length)
     feats = fm(data.texts)
     result = train_router(feats, data.experts, experts, hidden=hidden, seed=seed,
                           val_fraction=val_fraction, max_epochs=max_epochs, patience=patience)
@@ -126,7 +141,10 @@ def train_store_router(store: str | Path, data: LabelledTexts, *,
         result.metrics["test_examples"] = len(test)
         result.metrics["test_accuracy"] = accuracy(result.router, tf, test.experts)
         result.metrics["test_per_expert"] = per_expert_accuracy(result.router, tf, test.experts)
-    info = {"feature": {"model": str(fm.path), "pooling": "mean", "layer": "last",
+    from polymerge.runtime.twin import SHARED_FEATURES
+
+    model_label = SHARED_FEATURES if twin and features is None else str(fm.path)
+    info = {"feature": {"model": model_label, "pooling": "mean", "layer": "last",
                         "max_length": fm.max_length},
             "training": {"seed": seed, "hidden": hidden, "val_fraction": val_fraction,
                          "max_epochs": max_epochs, "patience": patience, "source": source},

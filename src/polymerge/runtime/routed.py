@@ -13,13 +13,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from polymerge.errors import PolymergeError
 from polymerge.routing.features import DEFAULT_MAX_LENGTH, FeatureModel, load_tokenizer
 from polymerge.stores.base import Store, open_store
+
+if TYPE_CHECKING:
+    from polymerge.runtime.twin import TwinModel
 
 
 @dataclass
@@ -353,8 +356,20 @@ def _reassemble(results: list[tuple[list[int], Any]], batch: int) -> Any:
 
 
 def load_store(path: str | Path, *, device: str | torch.device = "cpu",
-               base: str | Path | None = None,
-               max_length: int = DEFAULT_MAX_LENGTH) -> RoutedModel:
-    """Open a store folder and return a routed runtime over it."""
-    return RoutedModel(open_store(path, device=device), device=device, base=base,
-                       max_length=max_length)
+               base: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+               **options: Any) -> RoutedModel | TwinModel:
+    """Open a store folder and return its runtime: a :class:`RoutedModel` (switch weights by
+    lookup) for channel stores, a :class:`~polymerge.runtime.twin.TwinModel` (mix the experts
+    per input) for twin stores, which also takes ``temperature``, ``top_k`` and ``fold``."""
+    store = open_store(path, device=device)
+    if store.method == "twin":
+        from polymerge.runtime.twin import TwinModel
+
+        if base is not None:
+            raise PolymergeError(f"{store.path.name} is a twin store: its router's features "
+                                 "come from its own shared model, base= does not apply")
+        return TwinModel(store, device=device, max_length=max_length, **options)
+    if options:
+        raise PolymergeError(f"{store.method} stores take no option(s) "
+                             f"{', '.join(sorted(options))}")
+    return RoutedModel(store, device=device, base=base, max_length=max_length)

@@ -4,7 +4,7 @@ Importing this package registers the built-in store methods (``polymerge merge``
 them through :mod:`polymerge.builders`).
 """
 
-from polymerge.stores import channel
+from polymerge.stores import channel, twin
 from polymerge.stores.base import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -22,6 +22,7 @@ from polymerge.stores.base import (
     store_method_names,
 )
 from polymerge.stores.channel import ChannelStore
+from polymerge.stores.twin import TwinStore
 
 __all__ = [
     "FORMAT_VERSION",
@@ -30,6 +31,7 @@ __all__ = [
     "Store",
     "StoreMethod",
     "TensorEntry",
+    "TwinStore",
     "build_store",
     "channel",
     "export_expert",
@@ -40,4 +42,5 @@ __all__ = [
     "read_manifest",
     "register_store_method",
     "store_method_names",
+    "twin",
 ]

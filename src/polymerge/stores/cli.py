@@ -72,10 +72,22 @@ def _cmd_router_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top_weights(weights: dict[str, float], n: int = 4) -> str:
+    """The largest mixing weights, e.g. ``expert0 0.71, expert2 0.20``."""
+    top = sorted(weights.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{k} {v:.2f}" for k, v in top if v >= 0.005 or k == top[0][0])
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from polymerge.runtime import load_store
 
-    rt = load_store(args.store, device=args.device, base=args.base)
+    options: dict[str, Any] = {}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    rt = load_store(args.store, device=args.device, base=args.base, **options)
+    twin = rt.store.method == "twin"
     texts = list(args.text)
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -84,9 +96,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rows = [{"text": r.text, "expert": r.expert, "completion": r.completion}
                 for r in results]
     else:
-        outs = rt.forward(texts, expert=args.expert)
+        results = rt.forward(texts, expert=args.expert)
         rows = [{"text": r.text, "expert": r.expert, "tokens": int(r.output.shape[0]),
-                 "pooled": [round(float(v), 5) for v in r.output.mean(0)[:8]]} for r in outs]
+                 "pooled": [round(float(v), 5) for v in r.output.mean(0)[:8]]}
+                for r in results]
+    if twin:
+        for row, r in zip(rows, results, strict=True):
+            row["weights"] = r.weights
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -94,9 +110,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             body = row.get("completion")
             if body is None:
                 body = f"{row['tokens']} tokens, mean output starts {row['pooled']}"
-            print(f"[{row['expert']}] {row['text']}\n  -> {body}")
-    print(f"{rt.switches} switch(es), {rt.switch_seconds * 1000:.1f} ms switching",
-          file=sys.stderr)
+            label = _top_weights(row["weights"]) if twin else row["expert"]
+            print(f"[{label}] {row['text']}\n  -> {body}")
+    if twin:
+        print(f"{rt.routing_passes} routing pass(es) on the shared model, {rt.mixed_passes} "
+              "mixed pass(es)", file=sys.stderr)
+    else:
+        print(f"{rt.switches} switch(es), {rt.switch_seconds * 1000:.1f} ms switching",
+              file=sys.stderr)
     return 0
 
 
@@ -123,9 +144,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="router_command", required=True, metavar="COMMAND")
     t = rsub.add_parser("train", help="train the router of a store on labelled queries",
                         description="Features: the base model's mean-pooled last hidden "
-                                    "state. A small MLP is trained with cross-entropy and "
-                                    "early stopping on held-out queries, then saved in the "
-                                    "store (router/).")
+                                    "state (for a twin store: its shared model's). A small "
+                                    "MLP is trained with cross-entropy and early stopping on "
+                                    "held-out queries, then saved in the store (router/).")
     t.add_argument("store", help="expert store folder")
     t.add_argument("--data", help='JSONL records {"text": ..., "expert": ...}')
     t.add_argument("--test", help="optional JSONL of test queries, scored after training")
@@ -133,7 +154,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "its test splits are scored")
     t.add_argument("--cache", help="zoo cache folder (with --suite)")
     t.add_argument("--scale", default="full", help="zoo scale (with --suite; default full)")
-    t.add_argument("--base", help="base model folder for features (default: the store's)")
+    t.add_argument("--base", help="base model folder for features (default: the store's; not "
+                                  "for twin stores)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--max-length", type=int, default=256, help="tokens per query (default 256)")
     t.add_argument("--hidden", type=int, default=256, help="router hidden size (default 256)")
@@ -149,7 +171,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="answer texts with a store: route, switch, run",
                        description="Route each text to an expert (the store's router, or "
                                    "--expert), switch the model's weights by lookup, and "
-                                   "generate (causal LMs) or run the forward pass.")
+                                   "generate (causal LMs) or run the forward pass. A twin "
+                                   "store mixes the experts per text with the router's soft "
+                                   "weights (printed) instead.")
     p.add_argument("store", help="expert store folder")
     p.add_argument("text", nargs="+", help="input texts ('-' reads one per line from stdin)")
     p.add_argument("--expert", help="use this expert for every text (no routing)")
@@ -157,5 +181,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                   "store's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float,
+                   help="twin stores: softmax temperature of the router's weights (default 1)")
+    p.add_argument("--top-k", type=int,
+                   help="twin stores: mix only the k experts with the largest weights")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=_cmd_run)

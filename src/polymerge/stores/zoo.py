@@ -5,8 +5,10 @@
   chosen per input by the store's router (``router``).
 * :func:`register` adds a target loader so ``polymerge eval STORE --suite ...`` scores a store
   with oracle routing and ``polymerge eval STORE/router --suite ...`` with its trained router.
-* :func:`store_rows` builds TIES-CM and DARE-CM stores of a suite's experts, trains their
-  routers on the suite's validation queries, and scores both routings, as report rows.
+* :func:`store_rows` builds TIES-CM and DARE-CM stores of a suite's experts (or Twin-Merging
+  stores, :data:`TWIN_VARIANTS`), trains their routers on the suite's validation queries, and
+  scores both routings, as report rows. A twin store's oracle routing is each task's one-hot
+  weights; its router routing mixes the experts with the router's soft weights.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ CM_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("DARE-CM", {"group_method": "dare_ties", "scope": ZOO_SCOPE}),
 )
 """The paper's two variants, with its defaults (K = 2, 30% trimmed or dropped, lambda 0.5)."""
+TWIN_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("Twin", {"merge_method": "twin", "shared_method": "task_arithmetic", "shared_lambda": 0.3,
+              "rank": 0.1, "scope": ZOO_SCOPE}),
+)
+"""Twin-Merging: task-arithmetic shared expert (lambda 0.3), exclusive parts of every 2-D
+weight at 10% of the full rank. A variant's ``merge_method`` (default ``channel``) picks the
+store method."""
 
 
 def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,
@@ -39,7 +48,9 @@ def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,
     """The suite's ``WeightsFn`` for a store: the same routed module for every task.
 
     With ``oracle`` routing the module uses the task's own expert (set when the suite asks for
-    that task's weights); with ``router`` it routes every input with the store's router.
+    that task's weights); with ``router`` it routes every input with the store's router. For a
+    twin store, oracle means the task's one-hot mixing weights, router the router's soft
+    weights computed per input on the store's shared model.
     """
     from polymerge.runtime import load_store
 
@@ -98,11 +109,26 @@ def store_params_ratio(suite: Any, store: str | Path) -> float:
     return (stored + private) / ensemble if ensemble else float("nan")
 
 
-def channel_recipe(suite: Any, **params: Any) -> dict[str, Any]:
-    """A channel-store recipe over the suite's experts, each named after its task."""
-    return {"merge_method": "channel", "base_model": str(suite.base_dir),
+def store_recipe(suite: Any, method: str = "channel", **params: Any) -> dict[str, Any]:
+    """A store recipe (``method``: channel, twin, ...) over the suite's experts, each named
+    after its task."""
+    return {"merge_method": method, "base_model": str(suite.base_dir),
             "models": [{"model": str(suite.expert_dir(t)), "name": t} for t in suite.tasks],
             "parameters": dict(params), "dtype": "float32", "seed": 0}
+
+
+def channel_recipe(suite: Any, **params: Any) -> dict[str, Any]:
+    """A channel-store recipe over the suite's experts, each named after its task."""
+    return store_recipe(suite, "channel", **params)
+
+
+def _variant_note(method: str, manifest: dict[str, Any], params: dict[str, Any]) -> str:
+    p = manifest["parameters"]
+    if method == "twin":
+        err = manifest.get("summary", {}).get("recon_error", {}).get("mean", float("nan"))
+        return (f"twin store, rank {p.get('rank')}, {p.get('shared_method')} shared "
+                f"(lambda {p.get('shared_lambda')}), exclusive-part error {err:.3f}")
+    return f"store, K={p.get('groups')}, {params.get('group_method', 'ties')} within groups"
 
 
 def train_suite_router(store: str | Path, suite: Any, **kwargs: Any) -> dict[str, Any]:
@@ -119,15 +145,21 @@ def train_suite_router(store: str | Path, suite: Any, **kwargs: Any) -> dict[str
 def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_VARIANTS, *,
                routers: bool = True, progress: bool = True, keep: bool = True,
                out_root: Path | None = None) -> list[Any]:
-    """Build, route and score each store variant; two rows each (oracle, router)."""
+    """Build, route and score each store variant; two rows each (oracle, router).
+
+    A variant's parameters may name its store method as ``merge_method`` (default
+    ``channel``; :data:`TWIN_VARIANTS` are ``twin``).
+    """
     from polymerge import merge
     from polymerge.zoo.evaluate import Row
 
     rows: list[Any] = []
     root = Path(out_root) if out_root else suite.root / "stores"
-    for label, params in variants:
+    for label, variant in variants:
+        params = dict(variant)
+        method = str(params.pop("merge_method", "channel"))
         out = root / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-        recipe = channel_recipe(suite, **params)
+        recipe = store_recipe(suite, method, **params)
         start = time.time()
         try:
             merge(recipe, out, force=True, progress=False)
@@ -136,10 +168,11 @@ def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_V
             continue
         build = time.time() - start
         ratio = store_params_ratio(suite, out)
-        k = read_manifest(out)["parameters"].get("groups")
-        note = f"store, K={k}, {params.get('group_method', 'ties')} within groups"
+        note = _variant_note(method, read_manifest(out), params)
+        oracle = "one-hot weights of each task's expert" if method == "twin" else \
+            "each task's own expert"
         scores = suite.evaluate(store_weights(out, suite, ORACLE), progress=progress)
-        rows.append(Row(f"{label} (oracle)", scores, note=f"{note}; each task's own expert",
+        rows.append(Row(f"{label} (oracle)", scores, note=f"{note}; {oracle}",
                         params_ratio=ratio, build_seconds=build,
                         extra={"path": str(out), "recipe": recipe, "routing": ORACLE}))
         if routers:
@@ -148,8 +181,9 @@ def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_V
             router_s = time.time() - start
             scores = suite.evaluate(store_weights(out, suite, ROUTER), progress=progress)
             acc = metrics.get("test_accuracy", float("nan"))
+            how = "trained router's soft weights" if method == "twin" else "trained router"
             rows.append(Row(f"{label} (router)", scores,
-                            note=f"{note}; trained router, test routing accuracy {acc:.3f}",
+                            note=f"{note}; {how}, test routing accuracy {acc:.3f}",
                             params_ratio=ratio, build_seconds=build + router_s,
                             extra={"path": str(out), "recipe": recipe, "routing": ROUTER,
                                    "router": metrics}))
