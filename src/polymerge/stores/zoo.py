@@ -41,6 +41,8 @@ TWIN_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 """Twin-Merging: task-arithmetic shared expert (lambda 0.3), exclusive parts of every 2-D
 weight at 10% of the full rank. A variant's ``merge_method`` (default ``channel``) picks the
 store method."""
+REPORT_VARIANTS = CM_VARIANTS + TWIN_VARIANTS
+"""The stores ``polymerge report --stores`` builds and scores."""
 
 
 def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,

@@ -252,8 +252,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-keep", action="store_true",
                    help="delete each merged checkpoint after scoring it")
     p.add_argument("--stores", action="store_true",
-                   help="also build and score the expert stores (channel merging, oracle and "
-                        "trained-router routing), when that part is installed")
+                   help="also build and score the expert stores (TIES-CM, DARE-CM, Twin; "
+                        "oracle and trained-router routing), when that part is installed")
     p.add_argument("--paper", action="store_true",
                    help="also run task arithmetic, TIES and DARE at the papers' settings "
                         "(lambda 0.3; top 20%%; 30%% trimmed or dropped, lambda 0.5)")

@@ -235,11 +235,12 @@ def update_marked_section(path: Path, suite_name: str, content: str) -> None:
 def store_rows(suite: Suite, *, progress: bool = True, keep: bool = True) -> list[Row]:
     """Rows for the expert stores, when the stores part is installed (else none)."""
     try:
+        from polymerge.stores.zoo import REPORT_VARIANTS
         from polymerge.stores.zoo import store_rows as rows_for_stores
     except ImportError:
         return []
     try:
-        return list(rows_for_stores(suite, progress=progress, keep=keep))
+        return list(rows_for_stores(suite, REPORT_VARIANTS, progress=progress, keep=keep))
     except PolymergeError as exc:
         return [Row("expert stores", {}, note=f"failed: {exc}")]
 
