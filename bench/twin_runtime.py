@@ -25,8 +25,13 @@ What it does, in one run (nothing is downloaded):
      of the batch and scaled to the batch size (each input costs the same);
    * **folded**: one weight vector for the whole batch, folded into the weights once per
      batch (``fold=True``; the fold is inside the timed region);
+   * **twin batched, top-k** for each k in ``--top-k`` (1 and 2 by default): random per-row
+     softmax weights with only each row's k largest kept and renormalized, so routes are
+     mixed across the batch; each layer picks the dense stacked path or a grouped path (each
+     expert, or each set of experts, only on the rows that use it) by the runtime's cost
+     rule, and the report counts the paths taken;
 
-   and checks that the batched outputs equal the materialized ones;
+   and checks that the batched outputs equal the materialized ones (top-k weights included);
 4. builds one store per rank in ``--ranks`` and reads the mean and max relative Frobenius error
    of the exclusive parts (recorded by the builder); plots the curve (``--png``);
 5. writes a markdown report with the date, machine, torch version and exact command to
@@ -34,7 +39,7 @@ What it does, in one run (nothing is downloaded):
 
 Usage::
 
-    python bench/twin_runtime.py                         # about 2-3 minutes on one thread
+    python bench/twin_runtime.py                         # about 3-4 minutes on one thread
     python bench/twin_runtime.py --batches 1 8 --ranks 0.1 0.5 --repeats 2
 """
 
@@ -51,6 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +191,31 @@ def softmax_weights(rows: int, experts: int, g: torch.Generator) -> torch.Tensor
     return torch.softmax(torch.randn(rows, experts, generator=g), -1)
 
 
+def top_k_weights(rows: int, experts: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Per-row softmax weights, each row's k largest kept and renormalized (a top-k router
+    on random logits: the rows' routes differ)."""
+    w = softmax_weights(rows, experts, g)
+    top = w.topk(min(k, experts), -1)
+    w = torch.zeros_like(w).scatter_(1, top.indices, top.values)
+    return w / w.sum(-1, keepdim=True)
+
+
+def paths_taken(rt: Any) -> dict[str, int]:
+    """How many mixed linears and embeddings took each path in the last forward pass."""
+    counts: dict[str, int] = {}
+    for module in rt.twin_modules.values():
+        path = getattr(module, "last_path", None)
+        if path is not None:
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
+def describe_paths(counts: dict[str, int]) -> str:
+    order = ["dense", "experts", "sets", "shared ids", "folded"]
+    return ", ".join(f"{counts[p]} {p}" for p in sorted(counts, key=lambda p: (
+        order.index(p) if p in order else len(order), p)))
+
+
 def time_twin(rt: Any, ids: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
               repeats: int) -> float:
     def run() -> Any:
@@ -211,7 +242,7 @@ def extra_flops(store: Any) -> float:
 
 
 def time_batches(rt: Any, mat: Materializer, batches: list[int], seq: int, repeats: int,
-                 limit: int, seed: int) -> list[dict[str, Any]]:
+                 limit: int, seed: int, top_ks: list[int]) -> list[dict[str, Any]]:
     plain = mat.model
     n = len(rt.experts)
     g = torch.Generator().manual_seed(seed)
@@ -221,6 +252,7 @@ def time_batches(rt: Any, mat: Materializer, batches: list[int], seq: int, repea
         mask = torch.ones_like(ids)
         w = softmax_weights(b, n, g)
         one = softmax_weights(1, n, g)[0]
+        routed = {k: top_k_weights(b, n, k, g) for k in top_ks}
         k = min(b, limit)
 
         def run_plain(ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> Any:
@@ -246,14 +278,25 @@ def time_batches(rt: Any, mat: Materializer, batches: list[int], seq: int, repea
             t_fold = median_time(run_fold, repeats)
             t_mat = median_time(run_mat, repeats) * b / k
             batched = run_twin().last_hidden_state[:k]
+            dense_paths = paths_taken(rt)
             per_input = torch.stack(mat.run(ids[:k], mask[:k], w[:k]))
             diff = float((batched - per_input).abs().max())
+            top: dict[int, dict[str, Any]] = {}
+            for topk, wk in routed.items():
+                t_k = median_time(partial(run_twin, w=wk), repeats)
+                batched = run_twin(w=wk).last_hidden_state[:k]
+                paths = paths_taken(rt)
+                per_input = torch.stack(mat.run(ids[:k], mask[:k], wk[:k]))
+                top[topk] = {"twin": t_k, "diff": float((batched - per_input).abs().max()),
+                             "paths": paths, "routes": int((wk != 0).any(0).sum())}
             rt.set_weights(None)
         rows.append({"batch": b, "plain": t_plain, "twin": t_twin, "materialized": t_mat,
-                     "folded": t_fold, "diff": diff, "measured_inputs": k})
+                     "folded": t_fold, "diff": diff, "measured_inputs": k, "top": top,
+                     "paths": dense_paths})
         print(f"batch {b:4d}: plain {t_plain * 1e3:9.1f} ms  twin {t_twin * 1e3:9.1f} ms  "
               f"materialized {t_mat * 1e3:10.1f} ms  folded {t_fold * 1e3:9.1f} ms  "
-              f"max diff {diff:.2e}", flush=True)
+              f"max diff {diff:.2e}" + "".join(f"  top-{topk} {r['twin'] * 1e3:9.1f} ms"
+                                               for topk, r in top.items()), flush=True)
     return rows
 
 
@@ -326,13 +369,41 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
                      f"({r['twin'] / p:.2f}x) | {r['materialized'] * ms:.1f} ms "
                      f"({r['materialized'] / p:.2f}x){note} | {r['folded'] * ms:.1f} ms "
                      f"({r['folded'] / p:.2f}x) | {r['diff']:.1e} |")
+    top_ks = sorted({k for r in rows for k in r["top"]})
+    if top_ks:
+        lines += ["", "Twin batched by routing: dense per-row softmax weights (the table "
+                  "above) against top-k routing (per-row softmax, each row's k largest "
+                  "weights kept and renormalized, routes mixed across the batch). Each mixed "
+                  "linear and embedding picks its path by the runtime's cost rule "
+                  "(`polymerge.runtime.twin.choose_path`): *dense* (every row against the "
+                  "stacked factors of every active expert), *experts* (each expert on the rows "
+                  "that weight it: gather, two GEMMs, index_add) or *sets* (each set of "
+                  "experts on the rows routed to exactly that set, their factors stacked); "
+                  "*shared ids*: an embedding whose ids every row shares (position ids). Max "
+                  "abs diff against per-input materialization on the first "
+                  f"{args.materialize_inputs} inputs.", "",
+                  "| batch | weights | experts routed to | plain model | twin batched | "
+                  "paths taken (mixed linears and embeddings) | max abs diff |",
+                  "| --: | :-- | --: | --: | --: | :-- | --: |"]
+        for r in rows:
+            p = r["plain"]
+            lines.append(f"| {r['batch']} | dense softmax | {args.experts} | {p * ms:.1f} ms | "
+                         f"{r['twin'] * ms:.1f} ms ({r['twin'] / p:.2f}x) | "
+                         f"{describe_paths(r['paths'])} | {r['diff']:.1e} |")
+            for k in top_ks:
+                t = r["top"][k]
+                lines.append(f"| {r['batch']} | top-{k} | {t['routes']} | {p * ms:.1f} ms | "
+                             f"{t['twin'] * ms:.1f} ms ({t['twin'] / p:.2f}x) | "
+                             f"{describe_paths(t['paths'])} | {t['diff']:.1e} |")
     by_batch = {r["batch"]: r for r in rows}
     lines += ["", "Targets:"]
     if 32 in by_batch:
         r = by_batch[32]
-        ratio = r["twin"] / r["plain"]
-        lines.append(f"* twin batched <= 1.5x the plain model at batch 32: "
-                     f"{'met' if ratio <= 1.5 else 'missed'} ({ratio:.2f}x).")
+        for label, t in [("dense softmax weights", r["twin"]),
+                         *((f"top-{k} routing", r["top"][k]["twin"]) for k in top_ks)]:
+            ratio = t / r["plain"]
+            lines.append(f"* twin batched <= 1.5x the plain model at batch 32, {label}: "
+                         f"{'met' if ratio <= 1.5 else 'missed'} ({ratio:.2f}x).")
     big = [r for r in rows if r["batch"] >= 8]
     if big:
         ok = all(r["twin"] < r["materialized"] for r in big)
@@ -383,6 +454,9 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128],
                     help="batch sizes (default 1 8 32 128)")
     ap.add_argument("--seq", type=int, default=64, help="tokens per input (default 64)")
+    ap.add_argument("--top-k", type=int, nargs="*", default=[1, 2],
+                    help="top-k routings timed next to dense softmax weights (default 1 2; "
+                         "none: skip)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median; default 3)")
     ap.add_argument("--materialize-inputs", type=int, default=8,
                     help="per-input materialization is timed on at most this many inputs of a "
@@ -445,7 +519,7 @@ def main() -> int:
                 "build": build, "memory": rt.memory()["total"],
                 "ensemble_bytes": counts["ensemble_bytes"], "fold_ms": fold_ms}
         rows = time_batches(rt, mat, args.batches, args.seq, args.repeats,
-                            args.materialize_inputs, args.seed)
+                            args.materialize_inputs, args.seed, args.top_k)
         with torch.inference_mode():
             w1 = softmax_weights(1, args.experts, torch.Generator().manual_seed(1))[0]
             info["materialize_ms"] = median_time(lambda: mat.materialize(w1),

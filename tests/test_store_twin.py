@@ -28,6 +28,8 @@ from polymerge.runtime.twin import (
     TwinModel,
     TwinNorm,
     build_shared_model,
+    choose_path,
+    path_cost,
     shared_feature_model,
 )
 from polymerge.stores import TwinStore, export_expert, open_store
@@ -379,6 +381,194 @@ def test_fold_equals_batched_when_rows_share_weights():
         mixture.set(torch.eye(t)[:3], fold=True)
     with pytest.raises(PolymergeError, match=r"shape \(4,\) or \(batch, 4\)"):
         mixture.set(torch.ones(3, 5))
+
+
+def _top_k(b: int, t: int, k: int, seed: int) -> torch.Tensor:
+    """Random per-row softmax weights, top-k kept and renormalized, routes mixed: every expert
+    is some row's top expert and none is used by every row."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, generator=g)
+    logits[torch.arange(b), torch.arange(b) % t] += 4.0  # row i's top expert: i mod t
+    w = torch.softmax(logits, -1)
+    top = w.topk(k, -1)
+    w = torch.zeros_like(w).scatter_(1, top.indices, top.values)
+    w = w / w.sum(-1, keepdim=True)
+    assert ((w != 0).sum(-1) == k).all() and (w != 0).any(0).all() and not (w != 0).all(0).any()
+    return w
+
+
+PATHS = ("dense", "experts", "sets", None)
+
+
+def _paths(layer: Any, inputs: torch.Tensor) -> dict[str | None, torch.Tensor]:
+    """The layer's output on each path and by the rule (None); records the rule's choice."""
+    out = {}
+    for path in PATHS:
+        layer.mixture.path = path
+        out[path] = layer(inputs)
+    layer.mixture.path = None
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_twin_linear_grouped_paths_equal_dense_and_materialized(k):
+    g = torch.Generator().manual_seed(11)
+    t, out_f, in_f, r, b = 4, 24, 20, 6, 7
+    lin = torch.nn.Linear(in_f, out_f)
+    u, v = torch.randn(t, out_f, r, generator=g), torch.randn(t, r, in_f, generator=g)
+    bd = torch.randn(t, out_f, generator=g)
+    layer = TwinLinear(lin, factors=(u, v), bias_delta=bd)
+    x = torch.randn(b, 5, in_f, generator=g)
+    x[3:, 3:] = 0  # padding (the layer sees no mask: padded positions are rows like others)
+    w = _top_k(b, t, k, k)
+    layer.set_weights(w, fold=False)
+    with torch.no_grad():
+        want = _materialized_linear(lin, u, v, bd, w, x)
+        for path, y in _paths(layer, x).items():
+            assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"path={path}")
+        cpu = torch.device("cpu")
+        by_expert = layer.mixture.groups(b, "experts", cpu, torch.float32)
+        assert len(by_expert) == t  # one group per expert (every one is used)
+        sets = layer.mixture.groups(b, "sets", cpu, torch.float32)
+        assert sum(len(rows) for _, _, rows, _ in sets) == b  # each row in one group
+        assert all(len(js) == k and wg.shape == (len(rows), k) and bool((wg > 0).all())
+                   for js, _, rows, wg in sets)
+        # an expert left out on every row and one that every row uses (no gather there)
+        w2 = w.clone()
+        w2[:, 1] = 0
+        w2[:, 0] = 0.5
+        w2 = w2 / w2.sum(-1, keepdim=True)
+        layer.set_weights(w2, fold=False)
+        want = _materialized_linear(lin, u, v, bd, w2, x)
+        for path, y in _paths(layer, x).items():
+            assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"path={path}")
+        # dense per-expert weights and 2-D inputs (one token per row)
+        dw = torch.randn(t, out_f, in_f, generator=g) * 0.1
+        dense = TwinLinear(lin, factors=(u, v), weight_delta=dw, bias_delta=bd)
+        dense.set_weights(w, fold=False)
+        x2 = torch.randn(b, in_f, generator=g)
+        want = torch.stack([torch.nn.functional.linear(
+            x2[i], lin.weight + sum(w[i, e] * (u[e] @ v[e] + dw[e]) for e in range(t)),
+            lin.bias + w[i] @ bd) for i in range(b)])
+        for path, y in _paths(dense, x2).items():
+            assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"path={path}")
+        dense.mixture.path = "nope"
+        with pytest.raises(PolymergeError, match="unknown path 'nope'"):
+            dense(x2)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_conv1d_and_embedding_grouped_paths(k):
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(12)
+    t, b, h = 4, 6, 12
+    w = _top_k(b, t, k, 10 + k)
+    x = torch.randn(b, 5, h, generator=g)
+    with torch.no_grad():
+        conv = Conv1D(10, h)
+        conv.weight.normal_(generator=g)
+        u, v = torch.randn(t, h, 4, generator=g), torch.randn(t, 4, 10, generator=g)
+        layer = TwinLinear(conv, factors=(u, v))
+        layer.set_weights(w, fold=False)
+        want = torch.stack([x[i] @ (conv.weight + sum(w[i, e] * u[e] @ v[e] for e in range(t)))
+                            + conv.bias for i in range(b)])
+        for path, y in _paths(layer, x).items():
+            assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"conv1d path={path}")
+
+        emb = torch.nn.Embedding(30, h, padding_idx=0)
+        eu, ev = torch.randn(t, 30, 3, generator=g), torch.randn(t, 3, h, generator=g)
+        dw = torch.randn(t, 30, h, generator=g) * 0.1
+        te = TwinEmbedding(emb, factors=(eu, ev), weight_delta=dw)
+        te.set_weights(w, fold=False)
+        ids = torch.randint(1, 30, (b, 5), generator=g)
+        ids[2:, 3:] = 0  # padding ids
+        mats = [emb.weight + sum(w[i, e] * (eu[e] @ ev[e] + dw[e]) for e in range(t))
+                for i in range(b)]
+        want = torch.stack([mats[i][ids[i]] for i in range(b)])
+        for path, y in _paths(te, ids).items():
+            assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"embedding path={path}")
+        te.mixture.path = "sets"  # no sets path for embeddings: per expert
+        te(ids)
+        assert te.last_path == "experts"
+        te.mixture.path = None
+        # ids shared by every row: each active expert's rows once, mixed per row
+        pos = torch.arange(5).unsqueeze(0)
+        assert_close(te(pos), torch.stack([mats[i][pos[0]] for i in range(b)]), rtol=1e-5,
+                     atol=1e-5)
+        assert te.last_path == "shared ids"
+
+
+def test_model_grouped_paths_equal_dense_and_materialized(bert_store):
+    rt = polymerge.load_store(bert_store)
+    tok = rt.tokenizer
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    mask = enc["attention_mask"].bool()
+    assert not bool(mask.all())  # a padded batch
+    for k in (1, 2):
+        w = _top_k(len(TEXTS), 4, k, 20 + k)
+        module = rt.as_module(weights=w)
+        outs = {}
+        for path in PATHS:
+            rt.mixture.path = path
+            outs[path] = module(input_ids=enc["input_ids"],
+                                attention_mask=enc["attention_mask"]).last_hidden_state
+        rt.mixture.path = None
+        for path in PATHS:
+            assert_close(outs[path][mask], outs["dense"][mask], rtol=1e-4, atol=1e-5,
+                         msg=f"path={path}")
+        for i, text in enumerate(TEXTS):
+            model = _materialized_model(bert_store, w[i])
+            with torch.inference_mode():
+                want = model(**tok([text], return_tensors="pt")).last_hidden_state[0]
+            assert_close(outs["sets"][i, :want.shape[0]], want, rtol=1e-4, atol=1e-5)
+
+
+def test_choose_path_rule_and_routes():
+    m = Mixture(4)
+    device = torch.device("cpu")
+    minilm = {"rank": 38, "factor_rank": 38, "dense_experts": 4}
+    for width in (384 + 384, 384 + 1536):
+        # top-1 of 4 experts, mixed routes, 64 tokens per row: one group per expert
+        for b in (8, 32, 128):
+            m.set(_top_k(b, 4, 1, b))
+            routes = m.routes(b, device)
+            assert routes.pairs == b and len(routes.by_expert) == 4
+            assert choose_path(routes, width=width, tokens_per_row=64, **minilm) == "experts"
+            # lower ranks too; at rank 2 the narrow GEMMs and the gathers cost more than the
+            # 3 of 4 experts saved
+            assert choose_path(routes, rank=8, width=width, tokens_per_row=64,
+                               dense_experts=4) == "experts"
+            assert choose_path(routes, rank=2, width=width, tokens_per_row=64,
+                               dense_experts=4) == "dense"
+            # decoding a small batch (one token per row): the calls cost more than they save
+            decode = choose_path(routes, width=width, tokens_per_row=1, **minilm)
+            assert decode == {8: "dense", 32: decode, 128: "experts"}[b]
+        # top-2 of 4: one group per pair of experts; dense softmax weights: dense
+        m.set(_top_k(32, 4, 2, 5))
+        routes = m.routes(32, device)
+        assert routes.pairs == 64 and all(len(g.js) == 2 for g in routes.by_set)
+        assert choose_path(routes, width=width, tokens_per_row=64, **minilm) == "sets"
+        m.set(torch.softmax(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), -1))
+        routes = m.routes(32, device)
+        assert len(routes.by_set) == 1 and routes.by_set[0].size == 32
+        assert choose_path(routes, width=width, tokens_per_row=64, **minilm) == "dense"
+    # the estimate itself: a group of every row gathers nothing; copied columns cost
+    assert path_cost([(4, 2, 0)], 4, 10, 5.0, 100) == 4 * 10 * (10 + 32) * 100 + 1e6
+    assert path_cost([(3, 2, 10)], 4, 10, 5.0, 100) == (3 * 10 * (10 + 32 + 8) + 80) * 100 + 1e6
+    # the rows each active expert needs and the sets, for the batch and a repeated (beam) one
+    w = torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0], [0.2, 0.0, 0.8, 0.0],
+                      [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    m.set(w)
+    assert m.active == [0, 1, 2]
+    routes = m.routes(5, device)
+    assert routes.rows == 5 and routes.pairs == 6
+    assert [(g.js, g.rows.tolist()) for g in routes.by_expert] == [
+        ((0,), [0, 2]), ((1,), [1]), ((2,), [0, 2, 3])]
+    assert [(g.experts, g.rows.tolist(), g.contiguous) for g in routes.by_set] == [
+        ((0, 2), [0, 2], False), ((1,), [1], True), ((2,), [3], True)]
+    beams = m.routes(10, device)
+    assert beams.pairs == 12 and beams.by_expert[1].rows.tolist() == [2, 3]
 
 
 # ----------------------------------------------------------------------------- the runtime

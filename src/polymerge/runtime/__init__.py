@@ -7,5 +7,7 @@ from polymerge.runtime.routed import (
     RoutedOutput,
     load_store,
 )
+from polymerge.runtime.twin import TwinModel
 
-__all__ = ["RoutedGeneration", "RoutedModel", "RoutedModule", "RoutedOutput", "load_store"]
+__all__ = ["RoutedGeneration", "RoutedModel", "RoutedModule", "RoutedOutput", "TwinModel",
+           "load_store"]

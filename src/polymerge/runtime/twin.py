@@ -9,8 +9,38 @@ where ``w(x)`` are the router's soft weights. Nothing per input is materialized 
   with the row weights applied in between. Experts whose weight is 0 on every row (top-k) are
   left out. Per-expert biases add ``sum_t w[b, t] (b_t - b_shared)`` per row; out-of-scope
   weights kept per expert (``others: expert``) add ``sum_t w[b, t] x (W_t - W_shared)^T``;
+* row-sparse weights (top-k routing with mixed routes: each row needs only its k experts) may
+  take a *grouped path* instead, computing each expert's term only on the rows that weight it.
+  A group is a set of rows and experts: its rows are gathered (``index_select`` on the
+  (B, L, in) input), run through the experts' stacked factors (two GEMMs, the row weights
+  applied in between) and added back (``index_add_``); a group of every row works in place.
+  ``"experts"`` makes one group per active expert (its rows); ``"sets"`` one group per set of
+  experts that some rows use exactly (top-2 of 4: up to 6 pairs), so that each row is gathered
+  and added back once and its k experts run as one GEMM of width k r (their columns are a view
+  when the experts are consecutive, else copied). The dense stacked path is the one group of
+  every row and every active expert. :func:`choose_path` picks, per module, batch size and
+  tokens per row, the cheapest of the three by one cost estimate, in multiply-adds
+  (:func:`path_cost`; ``W = in + out``, ``L`` tokens per row, ``r`` the rank)::
+
+      sum over groups (n rows, k experts):
+          n L (k r + GEMM_OVERHEAD + ROUTE_COST [unless n is every row]) W
+          + ROUTE_COST (columns copied) W + CALL_COST
+
+  ``GEMM_OVERHEAD`` = 32 (a GEMM of width k r runs like one of width k r + 32: narrow GEMMs
+  are slow), ``ROUTE_COST`` = 8 (gathering and adding back one element, measured at 4-6 on
+  one CPU thread) and ``CALL_COST`` = 1e6 (a group's ten-odd calls, about 40 us), all measured
+  on CPU. Dense per-row softmax weights thus stay on the dense path, top-1 takes ``experts``
+  (= ``sets``) and top-2 of 4 ``sets`` at the benchmark's shapes (MiniLM, rank 38, 64 tokens
+  per row), and decoding a small batch (one token per row, batch 8) stays dense, where the
+  calls would cost more than the multiply-adds saved. Dense per-expert weights
+  (``others: expert``) count as rank ``in out / (in + out)``. Every path gives the same
+  numbers up to float rounding; ``Mixture.path`` forces one for every module (tests,
+  benchmarks);
 * embeddings become :class:`TwinEmbedding` (a gather of the stacked ``U`` rows, then ``V``);
-  a tied output layer shares the embedding's factors;
+  a tied output layer shares the embedding's factors. Row-sparse weights may take the
+  ``"experts"`` path there too (same rule, width ``H``; no ``"sets"``: copying a set's
+  columns would copy the vocabulary); ids shared by every row (BERT's position ids) are
+  embedded once per active expert and mixed per row, whatever the weights;
 * norms with per-expert weights (LayerNorm, RMSNorm, ...) become :class:`TwinNorm`: they are
   affine in their weight and bias for a fixed input, so ``y_b = y_shared + g(x) dw_b + db_b``
   with ``g(x)`` the norm's output per unit of weight (``layer_norm`` without affine for
@@ -42,7 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +100,9 @@ class Mixture:
     ``weights`` is (B, T) float32, or None for the shared model (no weights, or all zero).
     ``active`` lists the experts with a nonzero weight on some row; ``rows_equal`` says whether
     every row has the same weights (then modules may fold them into their weights).
+    ``path``: None (default) lets each module pick the cheapest of its paths by
+    :func:`choose_path`; ``"dense"``, ``"experts"`` or ``"sets"`` forces one (embeddings have no
+    ``"sets"`` path and take ``"experts"``).
     """
 
     def __init__(self, experts: int) -> None:
@@ -80,7 +113,10 @@ class Mixture:
         self.active: list[int] = []
         self.rows_equal = True
         self.fold: bool | None = None
+        self.path: str | None = None
         self.version = 0
+        self._routes: dict[tuple[int, str], Routes] = {}
+        self._groups: dict[tuple[Any, ...], list[Any]] = {}
 
     def set(self, weights: torch.Tensor | Sequence[Any] | None, *,
             fold: bool | None = None) -> None:
@@ -105,6 +141,123 @@ class Mixture:
         active = [] if w is None else (w != 0).any(0).nonzero().flatten().tolist()
         self.active = active
         self.weights = w if active else None
+        self._routes, self._groups = {}, {}
+
+    def routes(self, batch: int, device: torch.device) -> Routes:
+        """Which rows need which experts, for a module input of ``batch`` rows (cached per
+        weights, batch size and device; every module of the model shares it)."""
+        key = (batch, str(device))
+        found = self._routes.get(key)
+        if found is None:
+            assert self.weights is not None
+            nonzero = _row_weights(self.weights[:, self.active], batch) != 0
+            sets: dict[tuple[int, ...], list[int]] = {}
+            for row, mask in enumerate(nonzero.tolist()):
+                js = tuple(j for j, on in enumerate(mask) if on)
+                if js:
+                    sets.setdefault(js, []).append(row)
+
+            def group(js: tuple[int, ...], rows: list[int]) -> RouteGroup:
+                return RouteGroup(js, tuple(self.active[j] for j in js), len(rows),
+                                  torch.tensor(rows, dtype=torch.long, device=device))
+
+            found = Routes(int(nonzero.shape[0]), int(nonzero.sum()),
+                           [group((j,), col.nonzero().flatten().tolist())
+                            for j, col in enumerate(nonzero.T) if bool(col.any())],
+                           [group(js, sets[js]) for js in sorted(sets)])
+            self._routes[key] = found
+        return found
+
+    def groups(self, batch: int, path: str, device: torch.device, dtype: torch.dtype
+               ) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor]]:
+        """``(js, experts, rows, weights (n, len(js)))`` per group of ``path`` ("experts" or
+        "sets") for ``batch`` input rows (cached like :meth:`routes`)."""
+        key = (batch, str(device), path, dtype)
+        found = self._groups.get(key)
+        if found is None:
+            assert self.weights is not None
+            routes = self.routes(batch, device)
+            w = _row_weights(self.weights[:, self.active], batch)
+            found = [(g.js, g.experts, g.rows,
+                      w[g.rows.cpu()][:, list(g.js)].to(device=device, dtype=dtype))
+                     for g in (routes.by_set if path == "sets" else routes.by_expert)]
+            self._groups[key] = found
+        return found
+
+
+@dataclass
+class RouteGroup:
+    """Rows computed together on a grouped path: ``js`` index the active experts (the
+    columns of a module's weights), ``experts`` are their store indices, ``rows`` (int64, on
+    the modules' device) the ``size`` input rows."""
+
+    js: tuple[int, ...]
+    experts: tuple[int, ...]
+    size: int
+    rows: torch.Tensor
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether the experts' stacked factor columns are one block (a view, no copy)."""
+        return self.experts == tuple(range(self.experts[0], self.experts[0] + len(self.experts)))
+
+
+@dataclass
+class Routes:
+    """The nonzero pattern of a batch's weights: ``rows`` weight rows, ``pairs`` nonzero (row,
+    active expert) pairs; ``by_expert``: one group per active expert that some row uses (its
+    rows); ``by_set``: one group per set of experts that some rows use exactly."""
+
+    rows: int
+    pairs: int
+    by_expert: list[RouteGroup]
+    by_set: list[RouteGroup]
+
+
+GEMM_OVERHEAD = 32.0
+"""A GEMM of inner or outer size k r costs as if it were ``k r + GEMM_OVERHEAD`` (narrow
+GEMMs run below the machine's peak; see the module docstring)."""
+ROUTE_COST = 8.0
+"""Gathering an input row and adding its output back (``index_select``, ``index_add_``), or
+copying a factor column, per element of the layer's width, in multiply-adds."""
+CALL_COST = 1e6
+"""The fixed cost of one group's calls (about ten tensor ops), in multiply-adds."""
+
+
+def path_cost(groups: Iterable[tuple[int, int, int]], rows: int, tokens_per_row: int,
+              rank: float, width: int) -> float:
+    """Estimated multiply-adds of a module's exclusive terms computed group by group.
+
+    ``groups``: ``(n, k, copied)`` per group: ``n`` of the ``rows`` input rows, ``k`` experts,
+    ``copied`` factor columns it copies (0 when its experts' columns are one block). ``rank``:
+    multiply-adds per token and expert per unit of ``width`` (``in + out`` for a linear).
+    """
+    total = 0.0
+    for n, k, copied in groups:
+        route = 0.0 if n == rows else ROUTE_COST  # a group of every row gathers nothing
+        total += (n * tokens_per_row * (k * rank + GEMM_OVERHEAD + route)
+                  + ROUTE_COST * copied) * width + CALL_COST
+    return total
+
+
+def choose_path(routes: Routes, *, rank: float, width: int, tokens_per_row: int,
+                dense_experts: int, factor_rank: int | None = None, sets: bool = True) -> str:
+    """The cheapest way to compute a module's exclusive terms by :func:`path_cost`:
+    ``"dense"`` (every row against the ``dense_experts`` stacked experts), ``"experts"`` (each
+    expert on the rows that weight it) or ``"sets"`` (each set of experts on the rows that
+    use exactly that set, its factors stacked; only if ``sets``). Ties go to the dense path.
+    ``factor_rank``: the factors' rank, for the columns a set copies (default ``rank``).
+    """
+    fr = int(rank) if factor_rank is None else factor_rank
+    costs = {"dense": path_cost([(routes.rows, dense_experts, 0)], routes.rows,
+                                tokens_per_row, rank, width),
+             "experts": path_cost([(g.size, 1, 0) for g in routes.by_expert], routes.rows,
+                                  tokens_per_row, rank, width)}
+    if sets:
+        costs["sets"] = path_cost([(g.size, len(g.js), 0 if g.contiguous else len(g.js) * fr)
+                                   for g in routes.by_set], routes.rows, tokens_per_row, rank,
+                                  width)
+    return min(costs, key=lambda k: costs[k])
 
 
 def _row_weights(w: torch.Tensor, batch: int) -> torch.Tensor:
@@ -188,6 +341,7 @@ class _TwinModule(nn.Module):
         self.experts = experts
         self._version = -1
         self._state: dict[str, Any] = {}
+        self.last_path: str | None = None  # the last forward's path (None: shared or folded)
 
     def set_weights(self, weights: torch.Tensor | Sequence[Any] | None, *,
                     fold: bool | None = None) -> None:
@@ -220,6 +374,35 @@ class _TwinModule(nn.Module):
             return False
         state["tokens"] += tokens
         return bool(m.fold) or state["tokens"] >= self.fold_threshold
+
+    def _plan(self, state: dict[str, Any], w: torch.Tensor, *, tokens_per_row: int, width: int,
+              rank: float, factor_rank: int, dense_experts: int, sets: bool = True
+              ) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor]] | None:
+        """How to compute this forward's exclusive terms, ``w`` (rows, k) being the row weights
+        with one row per input row: None for the dense path, else ``(js, experts, rows,
+        weights (n, len(js)))`` per group (see :func:`choose_path`, which picks the path unless
+        ``Mixture.path`` does; the choice is cached per weights, batch size and tokens per
+        row, the groups by the mixture)."""
+        m = self.mixture
+        rows = w.shape[0]
+        path = m.path
+        if path is None:
+            chosen = state.setdefault("paths", {})
+            key = (rows, tokens_per_row)
+            if key not in chosen:
+                chosen[key] = choose_path(m.routes(rows, w.device), rank=rank, width=width,
+                                          tokens_per_row=tokens_per_row,
+                                          dense_experts=dense_experts, factor_rank=factor_rank,
+                                          sets=sets)
+            path = chosen[key]
+        if path == "sets" and not sets:
+            path = "experts"
+        self.last_path = path
+        if path == "dense":
+            return None
+        if path not in ("experts", "sets"):
+            raise PolymergeError(f"twin runtime: unknown path {path!r} (dense, experts, sets)")
+        return m.groups(rows, path, w.device, w.dtype)
 
 
 def _select(t: torch.Tensor | None, active: Sequence[int], experts: int) -> torch.Tensor | None:
@@ -263,6 +446,8 @@ class TwinLinear(_TwinModule):
         self.register_buffer("bias_delta", bias_delta, persistent=False)
         n_in, n_out = self.in_features, self.out_features
         self.fold_threshold = n_in * n_out / (n_in + n_out)
+        # multiply-adds per token and expert, per unit of in + out (see choose_path)
+        self._cost_rank = self.rank + (self.fold_threshold if weight_delta is not None else 0)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -305,9 +490,11 @@ class TwinLinear(_TwinModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self._current()
+        self.last_path = None
         if s is None:
             return self._plain(x, self.weight, self.bias)
         if self._should_fold(s, x.numel() // x.shape[-1]):
+            self.last_path = "folded"
             if s["folded"] is None:
                 s["folded"] = self._fold(s)
             return self._plain(x, *s["folded"])
@@ -318,22 +505,84 @@ class TwinLinear(_TwinModule):
             b = w.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         y = self._plain(x2, self.weight, self.bias)  # (tokens, out), a new tensor
-        if self.rank:
-            wr = _row_weights(s["wr"], b).unsqueeze(1)  # (B, 1, k r)
-            if self.transposed:  # weight (in, out): x U_t then V_t
-                z, second = x2 @ s["u"], s["v"]
-            else:  # weight (out, in): x V_t^T then U_t^T
-                z, second = F.linear(x2, s["v"]), s["u"].T
-            z.view(b, -1, z.shape[-1]).mul_(wr)
-            y.addmm_(z, second)  # the sum over experts and ranks is this GEMM's inner sum
         y3 = y.view(b, -1, y.shape[-1])
-        if s["dw"] is not None:
-            eq = "bli,kio->blko" if self.transposed else "bli,koi->blko"
-            y3.add_(torch.einsum(eq, x2.view(b, -1, x2.shape[-1]), s["dw"])
-                    .mul_(w[:, None, :, None]).sum(2))
+        plan = None
+        self.last_path = "dense"
+        if w.shape[0] == b:
+            plan = self._plan(s, w, tokens_per_row=x2.shape[0] // b,
+                              width=self.in_features + self.out_features, rank=self._cost_rank,
+                              factor_rank=self.rank, dense_experts=len(s["active"]))
+        if plan is not None:
+            self._grouped(x2.view(b, -1, x2.shape[-1]), y3, s, plan)
+        else:
+            if self.rank:
+                wr = _row_weights(s["wr"], b).unsqueeze(1)  # (B, 1, k r)
+                if self.transposed:  # weight (in, out): x U_t then V_t
+                    z, second = x2 @ s["u"], s["v"]
+                else:  # weight (out, in): x V_t^T then U_t^T
+                    z, second = F.linear(x2, s["v"]), s["u"].T
+                z.view(b, -1, z.shape[-1]).mul_(wr)
+                y.addmm_(z, second)  # the sum over experts and ranks is this GEMM's inner sum
+            if s["dw"] is not None:
+                eq = "bli,kio->blko" if self.transposed else "bli,koi->blko"
+                y3.add_(torch.einsum(eq, x2.view(b, -1, x2.shape[-1]), s["dw"])
+                        .mul_(w[:, None, :, None]).sum(2))
         if s["db"] is not None:
             y3.add_((w @ s["db"]).unsqueeze(1))
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _stacked(self, experts: tuple[int, ...], s: dict[str, Any]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' stacked factors as (in, k r) and (k r, out): x first second. Views when
+        the experts are consecutive (one block of columns), else copies."""
+        assert self.u_cat is not None and self.v_cat is not None
+        r = self.rank
+        if experts == tuple(range(experts[0], experts[0] + len(experts))):
+            cols = slice(experts[0] * r, (experts[-1] + 1) * r)
+            u, v = self.u_cat[:, cols], self.v_cat[cols]
+        else:
+            indices = s.setdefault("columns", {})
+            index = indices.get(experts)
+            if index is None:
+                index = indices[experts] = _columns(experts, r, self.u_cat.device)
+            u, v = self.u_cat.index_select(1, index), self.v_cat.index_select(0, index)
+        if self.transposed:  # weight (in, out) = U V
+            return u, v
+        return v.T, u.T  # weight (out, in) = U V
+
+    def _grouped(self, x3: torch.Tensor, y3: torch.Tensor, s: dict[str, Any],
+                 plan: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor]]
+                 ) -> None:
+        """y3 (B, L, out) += each group's experts' terms on the group's rows: the rows are
+        gathered, run through the stacked factors (the row weights applied in between) and
+        added back; a group of every row works in place."""
+        b, n_in, n_out = x3.shape[0], x3.shape[-1], y3.shape[-1]
+        y2 = y3.view(-1, n_out)
+        for js, experts, rows, wg in plan:
+            n, k = wg.shape
+            every = n == b
+            xs = (x3 if every else x3.index_select(0, rows)).reshape(-1, n_in)
+            part = None  # the group's terms (n L, out), when they are added back by row
+            if self.rank:
+                first, second = self._stacked(experts, s)
+                z = xs @ first
+                z.view(n, -1, k, self.rank).mul_(wg.view(n, 1, k, 1))
+                if every:
+                    y2.addmm_(z, second)
+                else:
+                    part = z @ second
+            if s["dw"] is not None:
+                for i, j in enumerate(js):
+                    d = xs @ s["dw"][j] if self.transposed else F.linear(xs, s["dw"][j])
+                    d.view(n, -1, n_out).mul_(wg[:, i].view(n, 1, 1))
+                    if every:
+                        y2.add_(d)
+                    elif part is None:
+                        part = d
+                    else:
+                        part.add_(d)
+            if part is not None:
+                y3.index_add_(0, rows, part.view(n, -1, n_out))
 
 
 class TwinEmbedding(_TwinModule):
@@ -361,6 +610,8 @@ class TwinEmbedding(_TwinModule):
         self.register_buffer("v_cat", factors.v_cat if factors else None, persistent=False)
         self.register_buffer("weight_delta", weight_delta, persistent=False)
         self.fold_threshold = float(self.num_embeddings)
+        # multiply-adds per token and expert in units of H (a dense delta: one add)
+        self._cost_rank = self.rank + (1.0 if weight_delta is not None else 0.0)
 
     def _should_fold(self, state: dict[str, Any], tokens: int) -> bool:
         # Gathering the tokens' rows costs k r H per token; folding rebuilds the whole table.
@@ -399,9 +650,11 @@ class TwinEmbedding(_TwinModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         s = self._current()
+        self.last_path = None
         if s is None:
             return F.embedding(ids, self.weight, **self._options)
         if self._should_fold(s, ids.numel()):
+            self.last_path = "folded"
             if s["folded"] is None:
                 s["folded"] = self._fold(s)
             return F.embedding(ids, s["folded"], **self._options)
@@ -415,18 +668,48 @@ class TwinEmbedding(_TwinModule):
         ids2 = ids.reshape(b, -1)
         out = y.reshape(b, -1, y.shape[-1])
         w = _row_weights(s["w_all"], b)  # (b, T), or (B, T) for ids shared by every row
-        if self.rank:
-            wr = _row_weights(s["wr"], b).unsqueeze(1)
-            out = out + (F.embedding(ids2, self.u_cat) * wr) @ self.v_cat
-        if self.weight_delta is not None:
-            gathered = self.weight_delta[:, ids2]  # (T, b, L, H)
-            if b == w.shape[0]:
+        plan = None
+        self.last_path = "dense"
+        if w.shape[0] == b:
+            plan = self._plan(s, _row_weights(s["w"], b), tokens_per_row=ids2.shape[1],
+                              width=self.embedding_dim, rank=self._cost_rank, factor_rank=0,
+                              dense_experts=self.experts, sets=False)
+        if w.shape[0] != b:  # b == 1: each active expert's rows once, mixed per weight row
+            self.last_path = "shared ids"
+            terms = torch.stack([self._term(ids2, t) for t in s["active"]])  # (k, 1, L, H)
+            out = out + torch.einsum("klh,bk->blh", terms[:, 0], s["w"])
+        elif plan is not None:
+            for _, experts, rows, wt in plan:
+                every = wt.shape[0] == b
+                term = self._term(ids2 if every else ids2.index_select(0, rows), experts[0])
+                term.mul_(wt.view(-1, 1, 1))
+                if every:
+                    out.add_(term)
+                else:
+                    out.index_add_(0, rows, term)
+        else:
+            if self.rank:
+                wr = _row_weights(s["wr"], b).unsqueeze(1)
+                out = out + (F.embedding(ids2, self.u_cat) * wr) @ self.v_cat
+            if self.weight_delta is not None:
+                gathered = self.weight_delta[:, ids2]  # (T, b, L, H)
                 out = out + torch.einsum("tblh,bt->blh", gathered, w)
-            else:  # b == 1
-                out = out + torch.einsum("tlh,bt->blh", gathered[:, 0], w)
         if y.dim() == 2:  # ids had no batch dimension
             return out.reshape(y.shape)
         return out.reshape(out.shape[0], *y.shape[1:-1], out.shape[-1])
+
+    def _term(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        """Expert t's exclusive rows for ``ids`` (n, L): (n, L, H), a new tensor."""
+        term = None
+        if self.rank:
+            assert self.u_cat is not None and self.v_cat is not None
+            cols = slice(t * self.rank, (t + 1) * self.rank)
+            term = F.embedding(ids, self.u_cat[:, cols]) @ self.v_cat[cols]
+        if self.weight_delta is not None:
+            rows = F.embedding(ids, self.weight_delta[t])
+            term = rows if term is None else term.add_(rows)
+        assert term is not None
+        return term
 
 
 class TwinNorm(_TwinModule):

@@ -52,8 +52,10 @@ class GenConfig:
     seq_len: int = 128
     batch_size: int = 8
     steps: int = 60
-    """60 steps of 8 x 128 tokens (61k tokens per domain): about 8 s a step on 2 CPU cores, so
-    the 4 experts take about 32 minutes, inside the 45-minute budget (100 steps did not)."""
+    """60 steps of 8 x 128 tokens (61k tokens per domain). A LoRA step of 4 x 128 tokens took
+    2.1 s here on 2 idle CPU cores, so the 4 experts take about 16 minutes, inside the
+    45-minute budget. Another process computing at the same time slows it by up to 10x (both
+    spin for the same cores): build the zoo on an otherwise idle machine."""
     lr: float = 5e-4
     warmup: float = 0.1
     lora_r: int = 16
@@ -63,8 +65,8 @@ class GenConfig:
     n_heldout: int = 32
     """Held-out windows of ``seq_len`` tokens per domain."""
     n_math_train: int = 1200
-    n_math_eval: int = 40
-    max_new_tokens: int = 160
+    n_math_eval: int = 20
+    max_new_tokens: int = 128
     eval_batch: int = 8
     base_layers: int = 0
     """Keep only the first N transformer layers of the base (0: all). Used by the mini scale."""
