@@ -38,6 +38,7 @@ from polymerge.zoo.suite import (
     Suite,
     Weights,
     WeightsFn,
+    lr_factor,
     register_suite,
 )
 
@@ -195,14 +196,6 @@ def load_encoder(src: Weights, base_dir: Path) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warm-up then linear decay to zero."""
-    w = max(1, int(total * warmup))
-    if warmup > 0 and step < w:
-        return (step + 1) / w
-    return max(0.0, (total - step) / max(1, total - (w if warmup > 0 else 0)))
 
 
 def train_expert(task: ClsTask, splits: data.Splits, base_dir: Path, out: Path, cfg: ClsConfig,

@@ -34,6 +34,7 @@ from polymerge.zoo.suite import (
     Suite,
     Weights,
     WeightsFn,
+    lr_factor,
     register_suite,
 )
 
@@ -171,13 +172,6 @@ def domain_docs(domain: str, cfg: GenConfig) -> tuple[list[gen_data.Doc], list[g
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    w = max(1, int(total * warmup))
-    if warmup > 0 and step < w:
-        return (step + 1) / w
-    return max(0.0, (total - step) / max(1, total - (w if warmup > 0 else 0)))
 
 
 def train_lora(base_dir: Path, windows: torch.Tensor, heldout: torch.Tensor, out: Path,

@@ -148,6 +148,14 @@ class Suite(abc.ABC):
 _SUITES: dict[str, type[Suite]] = {}
 
 
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up then linear decay to zero."""
+    w = max(1, int(total * warmup))
+    if warmup > 0 and step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - (w if warmup > 0 else 0)))
+
+
 def register_suite(cls: type[Suite]) -> type[Suite]:
     """Class decorator: make a suite available to the CLI by its ``name``."""
     if not cls.name:
