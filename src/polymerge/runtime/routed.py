@@ -55,7 +55,40 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModel
 
 
-class RoutedModel:
+def empty_model(store: Store, device: str | torch.device) -> torch.nn.Module:
+    """A model of the store's architecture and dtype in eval mode (its weights are to be set);
+    the global random state is left as it was."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(store.path))
+    with torch.random.fork_rng(devices=[]):
+        model = _model_class(cfg)(cfg).to(store.dtype)
+    return model.to(device).eval()
+
+
+class StoreRuntime:
+    """What every store runtime shares: the store's tokenizer and whether its model generates.
+
+    Subclasses set ``store``, ``_tokenizer`` (None until first use) and a ``model`` property.
+    """
+
+    store: Store
+    model: torch.nn.Module
+    _tokenizer: Any
+
+    @property
+    def is_causal(self) -> bool:
+        return hasattr(self.model, "generate") and \
+            type(self.model).__name__.endswith("ForCausalLM")
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.store.path)
+        return self._tokenizer
+
+
+class RoutedModel(StoreRuntime):
     """What :func:`polymerge.load_store` returns: a store, one working model and a router."""
 
     def __init__(self, store: Store, *, device: str | torch.device = "cpu",
@@ -86,26 +119,9 @@ class RoutedModel:
         """The working model, built from the store's config on first use (weights unset until
         the first switch)."""
         if self._model is None:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(str(self.store.path))
-            cls = _model_class(cfg)
-            with torch.random.fork_rng(devices=[]):
-                model = cls(cfg).to(self.store.dtype)
-            self._model = model.to(self.device).eval()
+            self._model = empty_model(self.store, self.device)
             self.active = None
         return self._model
-
-    @property
-    def is_causal(self) -> bool:
-        return hasattr(self.model, "generate") and \
-            type(self.model).__name__.endswith("ForCausalLM")
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.store.path)
-        return self._tokenizer
 
     def switch(self, expert: str) -> bool:
         """Make ``expert`` the active expert; returns False when it already was."""

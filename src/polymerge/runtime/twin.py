@@ -82,7 +82,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymerge.errors import PolymergeError
-from polymerge.routing.features import DEFAULT_MAX_LENGTH, FeatureModel, load_tokenizer
+from polymerge.routing.features import DEFAULT_MAX_LENGTH, FeatureModel
+from polymerge.runtime.routed import StoreRuntime, empty_model
 from polymerge.stores.base import Store, expert_part, open_store, piece_name
 
 SHARED_FEATURES = "store:shared"
@@ -801,22 +802,11 @@ class _Coverage:
     modules: dict[str, tuple[str, dict[str, str]]]
 
 
-def _model_class(config: Any) -> Any:
-    from polymerge.runtime.routed import _model_class as model_class
-
-    return model_class(config)
-
-
 def build_shared_model(store: Store, *, device: str | torch.device | None = None
                        ) -> nn.Module:
     """A plain model from the store's config with the shared model's weights loaded."""
-    from transformers import AutoConfig
-
     _check_twin(store)
-    cfg = AutoConfig.from_pretrained(str(store.path))
-    with torch.random.fork_rng(devices=[]):
-        model = _model_class(cfg)(cfg).to(store.dtype)
-    model = model.to(device if device is not None else store.device).eval()
+    model = empty_model(store, device if device is not None else store.device)
     targets = store.targets(model)
     with torch.no_grad():
         for name, target in targets.items():
@@ -871,7 +861,7 @@ def check_routing(temperature: float, top_k: int | None, experts: int) -> None:
                              f"experts), got {top_k!r}")
 
 
-class TwinModel:
+class TwinModel(StoreRuntime):
     """What :func:`polymerge.load_store` returns for a twin store: one model mixing the
     experts per input, and the router that weights them."""
 
@@ -993,17 +983,6 @@ class TwinModel:
         raise PolymergeError(f"twin runtime: cannot mix {path or 'the model'} ({kind}) per "
                              f"input (tensors {sorted(hits.values())}); rebuild the store with "
                              "others: shared or a scope without them")
-
-    @property
-    def is_causal(self) -> bool:
-        return hasattr(self.model, "generate") and \
-            type(self.model).__name__.endswith("ForCausalLM")
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.store.path)
-        return self._tokenizer
 
     # -- weights
     def set_weights(self, weights: WeightsLike | None, *, fold: bool | None = None) -> None:

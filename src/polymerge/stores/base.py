@@ -45,7 +45,7 @@ from polymerge.io.hf_files import (
     write_model_card,
 )
 from polymerge.io.writer import AtomicOutputDir, ShardedWriter, check_output_target
-from polymerge.methods.registry import MergeMethod, Param
+from polymerge.methods.registry import MergeMethod, Param, get_method
 from polymerge.plan import MergePlan, TensorJob, build_plan
 from polymerge.recipe import Recipe, load_recipe
 
@@ -758,6 +758,25 @@ def with_defaults(params: Iterable[Param], **defaults: Any) -> tuple[Param, ...]
     """The same parameters with some defaults changed (a store's own defaults)."""
     return tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p
                  for p in params)
+
+
+TASK_ARITHMETIC_FAMILY = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs",
+                         "breadcrumbs_ties", "della", "della_linear")
+"""Static methods a store can run inside itself: those built on the task-arithmetic core."""
+
+
+def inner_method(recipe: Recipe, key: str, default: str, store: str) -> MergeMethod:
+    """The task-arithmetic-family method a store's recipe names under ``key``, checked."""
+    name = recipe.parameters.get(key, default)
+    if not isinstance(name, str):
+        raise RecipeError(f"{store}: {key} must be one method name, not a per-tensor list")
+    if name not in TASK_ARITHMETIC_FAMILY:
+        raise RecipeError(f"{store}: {key} {name!r} is not supported; use one of "
+                          f"{', '.join(TASK_ARITHMETIC_FAMILY)}")
+    method = get_method(name)
+    if "sparsification" not in method.extra:
+        raise RecipeError(f"{store}: {name} is not a task-arithmetic-family method")
+    return method
 
 
 def compile_scope(pattern: str, where: str = "scope") -> re.Pattern[str]:

@@ -33,17 +33,19 @@ import torch
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.checkpoint import TensorInfo
 from polymerge.methods.gta import mix_weighted, per_model
-from polymerge.methods.registry import MergeMethod, Param, get_method
+from polymerge.methods.registry import MergeMethod, Param
 from polymerge.methods.sparsify import Sparsification, sparsify
 from polymerge.plan import MergePlan, TensorJob
 from polymerge.recipe import Recipe, possible_values
 from polymerge.stores.base import (
+    TASK_ARITHMETIC_FAMILY,
     Store,
     StoreMethod,
     TensorEntry,
     compile_scope,
     expert_entry,
     expert_part,
+    inner_method,
     merged_entry,
     piece_name,
     register_store_method,
@@ -55,8 +57,7 @@ DEFAULT_SCOPE = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\."
 with two or more dimensions are channel-merged."""
 SIMILARITIES = ("cosine", "euclidean")
 OTHERS = ("expert", "merged")
-GROUP_METHODS = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs",
-                 "breadcrumbs_ties", "della", "della_linear")
+GROUP_METHODS = TASK_ARITHMETIC_FAMILY
 PAPER_DEFAULTS = {"density": 0.7, "lambda": 0.5}
 """The paper's settings: 30% of each delta trimmed (TIES) or dropped (DARE), lambda 0.5."""
 MAX_PARTITIONS = 4096
@@ -302,16 +303,7 @@ def _gta_spec(method: MergeMethod) -> tuple[Sparsification | None, bool]:
 
 
 def group_method_of(recipe: Recipe) -> MergeMethod:
-    name = recipe.parameters.get("group_method", "ties")
-    if not isinstance(name, str):
-        raise RecipeError("channel: group_method must be one method name, not a per-tensor list")
-    if name not in GROUP_METHODS:
-        raise RecipeError(f"channel: group_method {name!r} is not supported; use one of "
-                          f"{', '.join(GROUP_METHODS)}")
-    method = get_method(name)
-    if "sparsification" not in method.extra:
-        raise RecipeError(f"channel: {name} is not a task-arithmetic-family method")
-    return method
+    return inner_method(recipe, "group_method", "ties", "channel")
 
 
 def channel_params(recipe: Recipe) -> tuple[Param, ...]:

@@ -58,25 +58,26 @@ import torch
 
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.checkpoint import TensorInfo
-from polymerge.methods.registry import MergeMethod, Param, get_method
+from polymerge.methods.registry import MergeMethod, Param
 from polymerge.plan import MergePlan, TensorJob
 from polymerge.recipe import Recipe, possible_values
 from polymerge.stores.base import (
+    TASK_ARITHMETIC_FAMILY,
     Store,
     StoreMethod,
     TensorEntry,
     compile_scope,
     expert_part,
+    inner_method,
     merged_entry,
     piece_name,
     register_store_method,
 )
-from polymerge.stores.channel import GROUP_METHODS
 
 DEFAULT_SCOPE = "."
 """Every 2-D float weight (embeddings included) gets low-rank exclusive factors."""
 OTHERS = ("expert", "shared")
-SHARED_METHODS = GROUP_METHODS
+SHARED_METHODS = TASK_ARITHMETIC_FAMILY
 """Static methods of the task-arithmetic family that can make the shared expert."""
 OVERSAMPLE = 10
 """Extra columns of the randomized range finder."""
@@ -104,16 +105,7 @@ TWIN_PARAMS = (
 
 
 def shared_method_of(recipe: Recipe) -> MergeMethod:
-    name = recipe.parameters.get("shared_method", "task_arithmetic")
-    if not isinstance(name, str):
-        raise RecipeError("twin: shared_method must be one method name, not a per-tensor list")
-    if name not in SHARED_METHODS:
-        raise RecipeError(f"twin: shared_method {name!r} is not supported; use one of "
-                          f"{', '.join(SHARED_METHODS)}")
-    method = get_method(name)
-    if "sparsification" not in method.extra:
-        raise RecipeError(f"twin: {name} is not a task-arithmetic-family method")
-    return method
+    return inner_method(recipe, "shared_method", "task_arithmetic", "twin")
 
 
 def twin_params(recipe: Recipe) -> tuple[Param, ...]:
