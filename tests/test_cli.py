@@ -15,7 +15,7 @@ import yaml
 from conftest import ModelSet, leftovers, load_state, make_lora, ref_task_arithmetic
 
 from polymerge.cli import build_parser, main
-from polymerge.methods import method_names
+from polymerge.registry import method_names
 
 
 def write_recipe(ms: ModelSet, path: Path, **extra: object) -> Path:

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import polymerge
 from polymerge.errors import RecipeError
-from polymerge.merge import parse_size
-from polymerge.methods import all_methods
+from polymerge.registry import parse_size
+from polymerge.registry import tensor_methods as all_methods
 
 
 def run(recipe: Any, out: Path, **kw: Any) -> Path:

@@ -15,8 +15,10 @@ import torch
 from torch.testing import assert_close
 
 from polymerge.errors import RecipeError
-from polymerge.methods import all_methods, get_method, method_names
-from polymerge.methods.registry import MergeMethod
+from polymerge.methods.schema import MergeMethod
+from polymerge.registry import get_tensor_method as get_method
+from polymerge.registry import method_names
+from polymerge.registry import tensor_methods as all_methods
 
 ALL_NAMES = {
     "linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -145,7 +147,9 @@ def call_method(m: MergeMethod, base: torch.Tensor, experts: list[torch.Tensor],
 def test_registry_names() -> None:
     assert set(method_names()) >= ALL_NAMES
     assert method_names() == sorted(method_names())
-    assert {m.name for m in all_methods()} == set(method_names())
+    assert {m.name for m in all_methods()} == set(method_names("tensor"))
+    assert {"channel", "twin"} <= set(method_names("store"))
+    assert {"supermerge", "adamerging"} <= set(method_names("learned"))
 
 
 def test_unknown_method_lists_known_names() -> None:

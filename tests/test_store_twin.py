@@ -32,8 +32,7 @@ from polymerge.runtime.twin import (
     path_cost,
     shared_feature_model,
 )
-from polymerge.stores import TwinStore, export_expert, open_store
-from polymerge.stores.base import Store, piece_name
+from polymerge.stores import Store, TwinStore, export_expert, open_store, piece_name
 from polymerge.stores.twin import lowrank_svd_of_product, resolve_rank, truncated_svd
 
 TEXTS = ["apple banana cherry", "car bus", "red blue green black", "one two three"]
@@ -799,7 +798,7 @@ class _StubSuite:
 
 
 def test_zoo_store_rows_build_and_score_twin_variants(bert, tmp_path):
-    from polymerge.stores.zoo import TWIN_VARIANTS, store_recipe
+    from polymerge.zoo.stores import TWIN_VARIANTS, store_recipe
 
     base, experts = bert
     suite = _StubSuite(tmp_path, base, experts)
@@ -814,7 +813,7 @@ def test_zoo_store_rows_build_and_score_twin_variants(bert, tmp_path):
 
 
 def store_rows_twin(suite: _StubSuite, variants: Any) -> list[Any]:
-    from polymerge.stores.zoo import store_rows
+    from polymerge.zoo.stores import store_rows
 
     return store_rows(suite, variants, progress=False, out_root=suite.root / "stores")
 

@@ -12,7 +12,7 @@ import polymerge
 from polymerge.errors import PolymergeError
 from polymerge.routing import suite_texts
 from polymerge.stores import export_expert, open_store
-from polymerge.stores.zoo import (
+from polymerge.zoo.stores import (
     channel_recipe,
     register,
     store_params_ratio,

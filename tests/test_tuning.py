@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from test_tuning_fixtures import ClsZoo, LmZoo, make_cls_zoo, make_lm_zoo, write_jsonl
 
+from polymerge import merge
 from polymerge.errors import PolymergeError
-from polymerge.merge import merge
 from polymerge.recipe import load_recipe
 from polymerge.tuning.coefficients import Coefficients, layer_of, layer_order
 from polymerge.tuning.objectives import make_objective, mean_over_tasks, task_losses
@@ -213,17 +213,17 @@ def test_supermerge_on_lora_causal_lm_experts(lm_zoo: LmZoo, tmp_path: Path) -> 
 
 
 def test_dry_plan_validates_without_loading_a_model(cls_zoo: ClsZoo) -> None:
-    from polymerge.tuning import dry_plan
+    from polymerge import dry_run
 
-    plan = dry_plan(load_recipe(recipe(cls_zoo)))
+    plan = dry_run(load_recipe(recipe(cls_zoo)))
     try:
-        assert plan.method.name == "supermerge"
+        assert plan.schema.name == "supermerge"
         assert plan.input_names == list(cls_zoo.experts)
         assert "method: supermerge" in plan.summary()
     finally:
         plan.close()
     with pytest.raises(PolymergeError, match="granularity"):
-        dry_plan(load_recipe(recipe(cls_zoo, granularity="row")))
+        dry_run(load_recipe(recipe(cls_zoo, granularity="row")))
 
 
 def test_hierarchical_on_bf16_experts_keeps_group_results_in_float32(

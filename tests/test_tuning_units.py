@@ -157,12 +157,14 @@ def test_read_jsonl_resolves_tasks_and_labels(tmp_path: Path) -> None:
 @pytest.mark.parametrize("line, message", [
     ({"text": "x", "task": "sent", "label": "happy"}, "unknown label 'happy'"),
     ({"text": "x", "task": "sent", "label": 2}, "out of range"),
-    ({"text": "x", "task": "weather", "label": "pos"}, "unknown task 'weather'"),
-    ({"text": "x", "label": "pos"}, "'task' is required"),
+    ({"text": "x", "task": "weather", "label": "pos"}, "unknown expert 'weather'"),
+    ({"text": "x", "expert": "weather", "label": "pos"}, "unknown expert 'weather'"),
+    ({"text": "x", "expert": "sent", "task": "topic", "label": "pos"}, "disagree"),
+    ({"text": "x", "label": "pos"}, "'expert' is required"),
     ({"text": "", "task": "sent", "label": "pos"}, "'text'"),
     ({"text": "x", "task": "sent"}, "'label' is required"),
     ("{not json", "not valid JSON"),
-    ([1, 2], "expected a JSON object"),
+    ([1, 2], "must be a JSON object"),
 ])
 def test_read_jsonl_errors_name_the_line(tmp_path: Path, line: object, message: str) -> None:
     path = _write(tmp_path, [{"text": "ok", "task": "sent", "label": "neg"}, line])

@@ -18,9 +18,8 @@ from conftest import ModelSet, leftovers, load_state, ref_task_arithmetic, tree_
 from safetensors.torch import save_file
 
 import polymerge
+from polymerge import dry_run, registry
 from polymerge.errors import CheckpointError, PolymergeError, RecipeError
-from polymerge.merge import dry_run
-from polymerge.methods import registry
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 UP1 = "model.layers.1.mlp.up_proj.weight"
@@ -404,7 +403,7 @@ def test_truncated_input(make_models, outs):
 
 
 def _raising_method(monkeypatch, name: str, after: int, exc: BaseException) -> list[int]:
-    original = registry.get_method(name)
+    original = registry.get_tensor_method(name)
     calls = [0]
 
     def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -413,7 +412,8 @@ def _raising_method(monkeypatch, name: str, after: int, exc: BaseException) -> l
             raise exc
         return original.fn(*args, **kwargs)
 
-    monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(original, fn=fn))
+    monkeypatch.setitem(registry._REGISTRY, name,
+                        registry.TensorMethod(dataclasses.replace(original, fn=fn)))
     return calls
 
 
@@ -441,14 +441,14 @@ def test_failed_forced_merge_keeps_old_output(make_models, outs, monkeypatch):
 
 def test_nan_produced_by_the_method(make_models, outs, monkeypatch):
     ms = make_models("llama", 1)
-    original = registry.get_method("task_arithmetic")
+    original = registry.get_tensor_method("task_arithmetic")
 
     def fn(base: torch.Tensor, experts: list[torch.Tensor], **kw: Any) -> torch.Tensor:
         out = original.fn(base, experts, **kw)
         return out / 0 if out.dim() == 1 else out
 
     monkeypatch.setitem(registry._REGISTRY, "task_arithmetic",
-                        dataclasses.replace(original, fn=fn))
+                        registry.TensorMethod(dataclasses.replace(original, fn=fn)))
     expect_error(ta(ms), outs, "merged output", "norm", kind=CheckpointError)
 
 

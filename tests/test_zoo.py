@@ -260,7 +260,7 @@ def test_unbuilt_suite_says_how_to_build(tmp_path: Path) -> None:
 
 
 def test_cli_path_list_and_eval(mini: ClsSuite, refs: dict, tmp_path: Path, capsys) -> None:
-    from polymerge.zoo.cli import main
+    from polymerge.cli import main
 
     common = ["--cache", str(mini.cache), "--scale", "mini"]
     assert main(["zoo", "path", "cls", *common]) == 0
@@ -298,15 +298,16 @@ def test_cli_eval_json_and_plot(mini: ClsSuite, refs: dict, tmp_path: Path, caps
 
 def test_report_has_a_row_per_registered_method(mini: ClsSuite, refs: dict, tmp_path: Path,
                                                monkeypatch) -> None:
-    from polymerge.methods import all_methods
-    from polymerge.methods import registry as reg
+    from polymerge import registry as reg
+    from polymerge.methods.schema import MergeMethod
+    from polymerge.registry import tensor_methods as all_methods
     from polymerge.zoo.report import run_report
 
     # A method registered later (here: "keep the first expert") appears without code changes.
-    first = reg.MergeMethod(name="zoo_test_first_expert",
+    first = MergeMethod(name="zoo_test_first_expert",
                             fn=lambda base, experts, **_: experts[0].clone(), params=(),
                             description="test method: the first expert unchanged")
-    monkeypatch.setitem(reg._REGISTRY, first.name, first)
+    monkeypatch.setitem(reg._REGISTRY, first.name, reg.TensorMethod(first))
     names = [m.name for m in all_methods()]
     assert first.name in names and len(names) >= 5
 
@@ -342,7 +343,7 @@ def test_report_has_a_row_per_registered_method(mini: ClsSuite, refs: dict, tmp_
 
 
 def test_paper_settings_and_learned_rows(mini: ClsSuite, refs: dict) -> None:
-    from polymerge.tuning.zoo import learned_recipes
+    from polymerge.zoo.learned import learned_recipes
     from polymerge.zoo.report import PAPER_SETTINGS, learned_rows, paper_plans
 
     plans = {p.name: p for p in paper_plans(mini)}

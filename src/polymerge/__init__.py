@@ -1,27 +1,26 @@
-"""polymerge: merge fine-tuned experts of one base model into one artifact."""
+"""polymerge: merge fine-tuned experts of one base model into one artifact.
 
+The package root re-exports the Python API (:mod:`polymerge.api`). Importing it also imports
+the built-in stores and learned merges, which register themselves in the one registry
+(:mod:`polymerge.registry`); plugins come through the ``polymerge.methods`` entry points.
+"""
+
+from polymerge.api import dry_run, export_expert, load_store, merge, merge_tensors, open_store
 from polymerge.errors import CheckpointError, PolymergeError, RecipeError
-from polymerge.merge import dry_run, merge, merge_tensors
 from polymerge.recipe import Recipe, load_recipe
-
-__version__ = "0.1.0"
-
-
-def load_store(path, **kwargs):  # type: ignore[no-untyped-def]
-    """Open an expert store and return its routed runtime (see :mod:`polymerge.runtime`)."""
-    from polymerge.runtime import load_store as _load_store
-
-    return _load_store(path, **kwargs)
-
+from polymerge.version import __version__
 
 __all__ = [
     "CheckpointError",
     "PolymergeError",
     "Recipe",
     "RecipeError",
+    "__version__",
     "dry_run",
+    "export_expert",
     "load_recipe",
     "load_store",
     "merge",
     "merge_tensors",
+    "open_store",
 ]

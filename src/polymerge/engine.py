@@ -13,18 +13,23 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from polymerge.errors import CheckpointError, PolymergeError
-from polymerge.io.checkpoint import Checkpoint
+from polymerge.io.checkpoint import Checkpoint, TensorInfo
+from polymerge.io.writer import ShardedWriter
 from polymerge.plan import MergePlan, TensorJob
 
 R = TypeVar("R")
 Compute = Callable[[TensorJob, "torch.Tensor | None", list[torch.Tensor], torch.Generator], R]
 Consume = Callable[[TensorJob, "R | torch.Tensor"], None]
+Pieces = dict[str, torch.Tensor]
+ComputePieces = Callable[[TensorJob, "torch.Tensor | None", list[torch.Tensor], torch.Generator],
+                         "Pieces | torch.Tensor"]
 
 
 @dataclass
@@ -131,3 +136,68 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs: list[TensorInfo],
+                 *, max_shard_bytes: int, metadata: dict[str, str],
+                 copied_name: Callable[[str], str] = lambda name: name,
+                 finalize: Callable[[], Pieces] | None = None,
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 desc: str = "merging", what: str = "merged output"
+                 ) -> tuple[EngineStats, list[str]]:
+    """The one output path: stream the plan through ``compute`` into sharded safetensors.
+
+    ``compute`` returns one tensor (written under the job's name) or named pieces; ``outputs``
+    announces every written tensor up front (the shards are laid out before the pass). A copied
+    (non-merged) tensor is written as read, under ``copied_name(job.name)``. ``finalize``,
+    called after the last tensor, returns pieces that need the whole model (statistics over
+    every tensor, such as EMR's rescalers); they must be announced in ``outputs`` too. Each
+    tensor is cast to its announced dtype and checked for NaN/Inf *after* the cast, so an
+    overflow in a narrower output dtype stops the run too. On any failure the shards are
+    closed and the caller's atomic folder is discarded.
+    Returns the pass's statistics and the written file names.
+    """
+    expected = {info.name: info for info in outputs}
+    writer = ShardedWriter(folder, outputs, max_shard_bytes, metadata=metadata)
+
+    def put(pieces: Pieces) -> None:
+        for name, tensor in pieces.items():
+            info = expected.get(name)
+            if info is None:
+                raise PolymergeError(f"internal: {name!r} was computed but not planned")
+            out = tensor.to(info.dtype)
+            check_finite(out, what, name)
+            writer.write(name, out)
+
+    def consume(job: TensorJob, result: Pieces | torch.Tensor) -> None:
+        if not job.merge:
+            put({copied_name(job.name): result})  # type: ignore[dict-item]
+        else:
+            put({job.name: result} if isinstance(result, torch.Tensor) else result)
+
+    try:
+        stats = stream(plan, compute, consume, device=device, progress=progress, desc=desc)
+        if finalize is not None:
+            put(finalize())
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return stats, list(writer.file_names)
+
+
+def write_tensors(folder: Path, outputs: list[TensorInfo], read: Callable[[str], torch.Tensor],
+                  *, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> list[str]:
+    """Write tensors that need no plan (an exported expert, a re-typed copy): each output is
+    ``read(name)`` cast to its announced dtype and checked after the cast, into shards."""
+    writer = ShardedWriter(folder, outputs, max_shard_bytes, metadata=metadata)
+    try:
+        for info in outputs:
+            out = read(info.name).to("cpu", info.dtype)
+            check_finite(out, "output", info.name)
+            writer.write(info.name, out)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return list(writer.file_names)

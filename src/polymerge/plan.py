@@ -18,7 +18,7 @@ from polymerge.errors import CheckpointError, RecipeError
 from polymerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from polymerge.io.dtypes import dtype_name, parse_dtype
 from polymerge.io.hf_files import tokenizer_source_dir
-from polymerge.methods.registry import REQUIRED, MergeMethod, Param, get_method
+from polymerge.methods.schema import REQUIRED, Param, Schema
 from polymerge.recipe import (
     ModelEntry,
     Recipe,
@@ -57,7 +57,7 @@ class MergePlan:
     """Everything the engine needs, already validated."""
 
     recipe: Recipe
-    method: MergeMethod
+    schema: Schema  # what the method accepts; its name is the recipe's merge_method
     reference: Checkpoint  # the base, or the first model when the method takes no base
     base: Checkpoint | None  # passed to the method as ``base`` (None for base_policy="input")
     inputs: list[Checkpoint]  # passed to the method as ``experts``
@@ -97,7 +97,7 @@ class MergePlan:
     def summary(self) -> str:
         gib = 1024**3
         lines = [
-            f"method: {self.method.name}",
+            f"method: {self.schema.name}",
             f"reference model: {self.reference.path}",
             *(f"input {name}: {ckpt.path}" for name, ckpt in
               zip(self.input_names, self.inputs, strict=True)),
@@ -111,16 +111,15 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def build_plan(recipe_source: str | Path | dict[str, Any] | Recipe, *,
+def build_plan(recipe_source: str | Path | dict[str, Any] | Recipe, schema: Schema, *,
                out_dir: str | Path | None = None, allow_pickle: bool = False,
-               dtype: str | None = None, method: MergeMethod | None = None) -> MergePlan:
-    """Validate a recipe against its inputs and resolve every tensor's parameters.
+               dtype: str | None = None) -> MergePlan:
+    """Validate a recipe against its inputs and ``schema``; resolve every tensor's parameters.
 
-    ``method`` stands in for the registry's method of that name (a store or learned merge
-    passes its own parameter schema).
+    Every kind of method plans here: a store or a learned merge passes its own schema.
     """
     recipe = load_recipe(recipe_source)
-    method = method if method is not None else get_method(recipe.merge_method)
+    method = schema
     if out_dir is not None:
         check_output_not_input(Path(out_dir), recipe)
     entries = _method_inputs(recipe, method)
@@ -147,11 +146,11 @@ def build_plan(recipe_source: str | Path | dict[str, Any] | Recipe, *,
                      base if method.base_policy == "required" else None,
                      inputs, [e.display_name for e in entries], jobs, out_dtype)
     if out_dir is not None:
-        _check_disk(Path(out_dir), plan.bytes_written)
+        check_free_disk(Path(out_dir), plan.bytes_written)
     return plan
 
 
-def _method_inputs(recipe: Recipe, method: MergeMethod) -> list[ModelEntry]:
+def _method_inputs(recipe: Recipe, method: Schema) -> list[ModelEntry]:
     if method.base_policy == "required":
         if recipe.base_model is None:
             raise RecipeError(f"merge_method {method.name} needs a base_model")
@@ -169,7 +168,7 @@ def _method_inputs(recipe: Recipe, method: MergeMethod) -> list[ModelEntry]:
     return entries
 
 
-def _check_parameters(recipe: Recipe, method: MergeMethod, entries: list[ModelEntry]) -> None:
+def _check_parameters(recipe: Recipe, method: Schema, entries: list[ModelEntry]) -> None:
     known = method.param_names | IGNORED_MERGEKIT_PARAMS
     for key in recipe.parameters:
         if key not in known:
@@ -277,7 +276,7 @@ def _num_layers_from_names(infos: dict[str, TensorInfo]) -> int | None:
     return max(indices) + 1 if indices else None
 
 
-def _check_job_params(method: MergeMethod, jobs: list[TensorJob]) -> None:
+def _check_job_params(method: Schema, jobs: list[TensorJob]) -> None:
     if method.check_params is None:
         return
     for job in jobs:
@@ -289,7 +288,7 @@ def _check_job_params(method: MergeMethod, jobs: list[TensorJob]) -> None:
             raise RecipeError(f"tensor {job.name!r}: {exc}") from None
 
 
-def _job(name: str, info: TensorInfo, recipe: Recipe, method: MergeMethod,
+def _job(name: str, info: TensorInfo, recipe: Recipe, method: Schema,
          entries: list[ModelEntry], out_dtype: torch.dtype, num_layers: int | None) -> TensorJob:
     if not info.dtype.is_floating_point:
         return TensorJob(name, info, merge=False)
@@ -334,7 +333,8 @@ def check_output_not_input(out_dir: Path, recipe: Recipe) -> None:
                               "folder (inputs are never modified)")
 
 
-def _check_disk(out_dir: Path, needed: int) -> None:
+def check_free_disk(out_dir: Path, needed: int) -> None:
+    """Stop before any tensor is read when the output would not fit."""
     probe = out_dir.expanduser().absolute()
     while not probe.exists():
         probe = probe.parent

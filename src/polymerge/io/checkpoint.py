@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -268,7 +267,3 @@ def _pickle_or_refuse(path: Path, files: list[Path], allow: bool, label: str) ->
             "loaded; convert it to safetensors, or pass --allow-pickle to load it with "
             "torch.load(weights_only=True)")
     return PickleCheckpoint(path, files, label)
-
-
-def iter_tensor_names(ckpt: Checkpoint) -> Iterator[str]:
-    yield from ckpt.tensors()

@@ -77,3 +77,22 @@ Base model: `{base or "none"}`
 ```
 {extra}"""
     (folder / "README.md").write_text("\n".join(front) + "\n" + body)
+
+
+RECIPE_NAME = "polymerge_recipe.yaml"
+
+
+def write_output_extras(folder: Path, *, config: dict[str, Any] | None, dtype: torch.dtype,
+                        support_dir: Path | None, method: str, description: str,
+                        base: str | None, inputs: list[tuple[str, str]], recipe_yaml: str,
+                        card_extra: str = "", write_recipe: bool = True) -> None:
+    """Everything beside the weights, for every kind of output (merged checkpoint, store,
+    learned merge, exported expert): config.json with the output dtype, the tokenizer and
+    generation config of ``support_dir``, the recipe, and the model card."""
+    write_config(folder, config, dtype)
+    if support_dir is not None:
+        copy_support_files(folder, support_dir)
+    if write_recipe:
+        (folder / RECIPE_NAME).write_text(recipe_yaml)
+    write_model_card(folder, method=method, description=description, base=base, inputs=inputs,
+                     recipe_yaml=recipe_yaml, extra=card_extra)

@@ -1,40 +1,20 @@
-"""Static merge methods; importing this package registers every built-in method."""
+"""Static merge methods, one module each; a module lists its methods in ``METHODS``.
+
+:func:`builtin_methods` collects them; the one registry (:mod:`polymerge.registry`) registers
+them. Adding a static method is adding one module here.
+"""
 
 from __future__ import annotations
 
-# Imported for their registration side effect; order is irrelevant (the registry sorts).
-from polymerge.methods import (
-    breadcrumbs,
-    dare,
-    della,
-    linear,
-    model_stock,
-    slerp,
-    task_arithmetic,
-    ties,
-)
-from polymerge.methods.registry import (
-    MergeMethod,
-    Param,
-    all_methods,
-    get_method,
-    method_names,
-    register,
-)
+from polymerge.discovery import import_submodules
+from polymerge.methods.schema import REQUIRED, MergeMethod, Param, Schema
 
-__all__ = [
-    "MergeMethod",
-    "Param",
-    "all_methods",
-    "breadcrumbs",
-    "dare",
-    "della",
-    "get_method",
-    "linear",
-    "method_names",
-    "model_stock",
-    "register",
-    "slerp",
-    "task_arithmetic",
-    "ties",
-]
+
+def builtin_methods() -> list[MergeMethod]:
+    """Every ``METHODS`` entry of this package's modules, sorted by name."""
+    found = [m for module in import_submodules(__name__, __path__)
+             for m in getattr(module, "METHODS", ())]
+    return sorted(found, key=lambda m: m.name)
+
+
+__all__ = ["REQUIRED", "MergeMethod", "Param", "Schema", "builtin_methods"]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from polymerge.methods.gta import make_gta_method
-from polymerge.methods.registry import register
 from polymerge.methods.sparsify import Sparsification
 
-BREADCRUMBS = register(make_gta_method(
+BREADCRUMBS = make_gta_method(
     "breadcrumbs",
     sparsification=Sparsification.magnitude_outliers,
     consensus=False,
@@ -15,9 +14,9 @@ BREADCRUMBS = register(make_gta_method(
     description="Keep a middle magnitude band of each task vector (drop gamma outliers and "
                 "the smallest), then task arithmetic.",
     reference="https://arxiv.org/abs/2312.06795",
-))
+)
 
-BREADCRUMBS_TIES = register(make_gta_method(
+BREADCRUMBS_TIES = make_gta_method(
     "breadcrumbs_ties",
     sparsification=Sparsification.magnitude_outliers,
     consensus=True,
@@ -25,4 +24,6 @@ BREADCRUMBS_TIES = register(make_gta_method(
     default_rescale=False,
     description="Breadcrumbs band sparsification followed by TIES sign election.",
     reference="https://arxiv.org/abs/2312.06795",
-))
+)
+
+METHODS = (BREADCRUMBS, BREADCRUMBS_TIES)

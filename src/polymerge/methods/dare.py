@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 from polymerge.methods.gta import make_gta_method
-from polymerge.methods.registry import register
 from polymerge.methods.sparsify import Sparsification
 
-DARE_LINEAR = register(make_gta_method(
+DARE_LINEAR = make_gta_method(
     "dare_linear",
     sparsification=Sparsification.random,
     consensus=False,
@@ -18,9 +17,9 @@ DARE_LINEAR = register(make_gta_method(
     description="Randomly drop task-vector entries (keep prob. density, rescale 1/density), "
                 "then task arithmetic.",
     reference="https://arxiv.org/abs/2311.03099",
-))
+)
 
-DARE_TIES = register(make_gta_method(
+DARE_TIES = make_gta_method(
     "dare_ties",
     sparsification=Sparsification.random,
     consensus=True,
@@ -29,4 +28,6 @@ DARE_TIES = register(make_gta_method(
     description="Randomly drop task-vector entries (rescale 1/density), then TIES sign "
                 "election.",
     reference="https://arxiv.org/abs/2311.03099",
-))
+)
+
+METHODS = (DARE_LINEAR, DARE_TIES)

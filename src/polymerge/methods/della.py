@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from polymerge.methods.gta import make_gta_method
-from polymerge.methods.registry import register
 from polymerge.methods.sparsify import Sparsification
 
-DELLA = register(make_gta_method(
+DELLA = make_gta_method(
     "della",
     sparsification=Sparsification.della_magprune,
     consensus=True,
@@ -15,9 +14,9 @@ DELLA = register(make_gta_method(
     description="Drop task-vector entries with probability falling with magnitude rank, "
                 "then TIES sign election and disjoint mean.",
     reference="https://arxiv.org/abs/2406.11617",
-))
+)
 
-DELLA_LINEAR = register(make_gta_method(
+DELLA_LINEAR = make_gta_method(
     "della_linear",
     sparsification=Sparsification.della_magprune,
     consensus=False,
@@ -25,4 +24,6 @@ DELLA_LINEAR = register(make_gta_method(
     default_rescale=True,
     description="DELLA MagPrune sparsification followed by task arithmetic (no sign election).",
     reference="https://arxiv.org/abs/2406.11617",
-))
+)
+
+METHODS = (DELLA, DELLA_LINEAR)

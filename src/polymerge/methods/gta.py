@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from polymerge.errors import RecipeError
-from polymerge.methods.registry import MergeMethod, Param
+from polymerge.methods.schema import MergeMethod, Param
 from polymerge.methods.sparsify import Sparsification, sparsify
 
 WEIGHT = Param("weight", float, default=1.0, scope="per_model",

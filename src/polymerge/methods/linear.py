@@ -9,7 +9,7 @@ import torch
 
 from polymerge.errors import RecipeError
 from polymerge.methods.gta import per_model
-from polymerge.methods.registry import REQUIRED, MergeMethod, Param, register
+from polymerge.methods.schema import REQUIRED, MergeMethod, Param
 
 
 def linear_merge(
@@ -49,7 +49,7 @@ def check_linear_params(params: dict[str, Any]) -> None:
                           "(set normalize: false or change the weights)")
 
 
-LINEAR = register(MergeMethod(
+LINEAR = MergeMethod(
     name="linear",
     fn=linear_merge,
     params=(
@@ -63,4 +63,6 @@ LINEAR = register(MergeMethod(
     min_experts=1,
     check_params=check_linear_params,
     reference="https://arxiv.org/abs/2203.05482",
-))
+)
+
+METHODS = (LINEAR,)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
-from polymerge.methods.registry import MergeMethod, Param, register
+from polymerge.methods.schema import MergeMethod, Param
 
 
 def model_stock_merge(
@@ -54,7 +54,7 @@ def model_stock_merge(
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
-MODEL_STOCK = register(MergeMethod(
+MODEL_STOCK = MergeMethod(
     name="model_stock",
     fn=model_stock_merge,
     params=(
@@ -66,4 +66,6 @@ MODEL_STOCK = register(MergeMethod(
     base_policy="required",
     min_experts=2,
     reference="https://arxiv.org/abs/2403.19522",
-))
+)
+
+METHODS = (MODEL_STOCK,)

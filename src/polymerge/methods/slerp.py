@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
-from polymerge.methods.registry import REQUIRED, MergeMethod, Param, register
+from polymerge.methods.schema import REQUIRED, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -62,7 +62,7 @@ def slerp_merge(
     return slerp(float(t), base, experts[0])
 
 
-SLERP = register(MergeMethod(
+SLERP = MergeMethod(
     name="slerp",
     fn=slerp_merge,
     params=(
@@ -75,4 +75,6 @@ SLERP = register(MergeMethod(
     min_experts=1,
     max_experts=1,
     reference="https://doi.org/10.1145/325165.325242",
-))
+)
+
+METHODS = (SLERP,)

@@ -209,8 +209,3 @@ def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
     """
     total = deltas.sum(dim=0)
     return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
-
-
-def sign_agreement_mask(deltas: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the entries whose sign equals the elected sign (zeros never agree)."""
-    return torch.sign(deltas) == elect_sign(deltas)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from polymerge.methods.gta import make_gta_method
-from polymerge.methods.registry import register
 
-TASK_ARITHMETIC = register(make_gta_method(
+TASK_ARITHMETIC = make_gta_method(
     "task_arithmetic",
     sparsification=None,
     consensus=False,
@@ -13,4 +12,6 @@ TASK_ARITHMETIC = register(make_gta_method(
     default_rescale=False,
     description="Base plus the weighted sum of task vectors (expert - base), scaled by lambda.",
     reference="https://arxiv.org/abs/2212.04089",
-))
+)
+
+METHODS = (TASK_ARITHMETIC,)

@@ -7,10 +7,9 @@ the experts whose sign agrees with the elected one.
 from __future__ import annotations
 
 from polymerge.methods.gta import make_gta_method
-from polymerge.methods.registry import register
 from polymerge.methods.sparsify import Sparsification
 
-TIES = register(make_gta_method(
+TIES = make_gta_method(
     "ties",
     sparsification=Sparsification.magnitude,
     consensus=True,
@@ -19,4 +18,6 @@ TIES = register(make_gta_method(
     description="Trim task vectors to the top-density magnitudes, elect signs, "
                 "disjoint-mean the agreeing entries.",
     reference="https://arxiv.org/abs/2306.01708",
-))
+)
+
+METHODS = (TIES,)

@@ -1,46 +1,43 @@
 """Expert stores: compressed containers of N experts that rebuild any expert by lookup.
 
-Importing this package registers the built-in store methods (``polymerge merge`` dispatches to
-them through :mod:`polymerge.builders`).
+Layout: :mod:`~polymerge.stores.manifest` (the folder format), :mod:`~polymerge.stores.store`
+(the loaded store: lookup only), :mod:`~polymerge.stores.build` (the store method entry and
+the build loop), :mod:`~polymerge.stores.export` (one expert as a checkpoint), and one module
+per store method (``channel``, ``twin``), each registering itself in :mod:`polymerge.registry`
+when this package is imported. A new store method is one module here.
 """
 
-from polymerge.stores import channel, twin
-from polymerge.stores.base import (
+from polymerge.discovery import import_submodules
+from polymerge.stores.build import StoreMethod, TensorBuilder
+from polymerge.stores.export import export_expert
+from polymerge.stores.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    Store,
-    StoreMethod,
+    PIECES_DIR,
+    ROUTER_DIR,
     TensorEntry,
-    build_store,
-    export_expert,
-    get_store_method,
+    expert_part,
     is_store,
-    open_store,
-    plan_store,
+    piece_name,
     read_manifest,
-    register_store_method,
-    store_method_names,
 )
-from polymerge.stores.channel import ChannelStore
-from polymerge.stores.twin import TwinStore
+from polymerge.stores.store import Store, open_store
+
+import_submodules(__name__, __path__)
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
-    "ChannelStore",
+    "PIECES_DIR",
+    "ROUTER_DIR",
     "Store",
     "StoreMethod",
+    "TensorBuilder",
     "TensorEntry",
-    "TwinStore",
-    "build_store",
-    "channel",
     "export_expert",
-    "get_store_method",
+    "expert_part",
     "is_store",
     "open_store",
-    "plan_store",
+    "piece_name",
     "read_manifest",
-    "register_store_method",
-    "store_method_names",
-    "twin",
 ]

@@ -33,23 +33,26 @@ import torch
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.checkpoint import TensorInfo
 from polymerge.methods.gta import mix_weighted, per_model
-from polymerge.methods.registry import MergeMethod, Param
+from polymerge.methods.schema import MergeMethod, Param, with_defaults
 from polymerge.methods.sparsify import Sparsification, sparsify
 from polymerge.plan import MergePlan, TensorJob
 from polymerge.recipe import Recipe, possible_values
-from polymerge.stores.base import (
+from polymerge.registry import register
+from polymerge.stores.build import (
     TASK_ARITHMETIC_FAMILY,
-    Store,
     StoreMethod,
-    TensorEntry,
     compile_scope,
+    inner_method,
+)
+from polymerge.stores.manifest import (
+    TensorEntry,
     expert_entry,
     expert_part,
-    inner_method,
     merged_entry,
     piece_name,
-    register_store_method,
-    with_defaults,
+)
+from polymerge.stores.store import (
+    Store,
 )
 
 DEFAULT_SCOPE = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\."
@@ -404,7 +407,7 @@ class ChannelBuilder:
         return {piece_name(job.name, "groups"): merged,
                 piece_name(job.name, "index"): assignment.to(index_dtype(k))}
 
-    def summary(self) -> dict[str, Any]:
+    def finalize(self) -> dict[str, Any]:
         names = self.plan.input_names
         co = (self._co / max(1, self._rows)).tolist()
         return {"group_method": self.inner.name, "similarity": self.similarity,
@@ -484,7 +487,7 @@ class ChannelStore(Store):
         return "\n".join(lines)
 
 
-CHANNEL = register_store_method(StoreMethod(
+CHANNEL = register(StoreMethod(
     name="channel",
     description="Channel Merging: per output channel, cluster the experts' delta rows into K "
                 "groups and merge within each group; experts are rebuilt by lookup.",

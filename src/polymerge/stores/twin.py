@@ -51,27 +51,30 @@ measured on the float32 factors; 0 where every exclusive part is 0), recorded in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.checkpoint import TensorInfo
-from polymerge.methods.registry import MergeMethod, Param
+from polymerge.methods.schema import MergeMethod, Param
 from polymerge.plan import MergePlan, TensorJob
 from polymerge.recipe import Recipe, possible_values
-from polymerge.stores.base import (
+from polymerge.registry import register
+from polymerge.stores.build import (
     TASK_ARITHMETIC_FAMILY,
-    Store,
     StoreMethod,
-    TensorEntry,
     compile_scope,
-    expert_part,
     inner_method,
+)
+from polymerge.stores.manifest import (
+    TensorEntry,
+    expert_part,
     merged_entry,
     piece_name,
-    register_store_method,
+)
+from polymerge.stores.store import (
+    Store,
 )
 
 DEFAULT_SCOPE = "."
@@ -353,7 +356,7 @@ class TwinBuilder:
             lefts.append(torch.cat(blocks, 1))
         return lefts, right, right_qr
 
-    def summary(self) -> dict[str, Any]:
+    def finalize(self) -> dict[str, Any]:
         errors = [v["error"] for v in self.tensors.values()]
         worst = max(self.tensors, key=lambda k: self.tensors[k]["error"]) if errors else None
         return {"shared_method": self.inner.name, "others": self.others,
@@ -374,6 +377,7 @@ class TwinStore(Store):
     """A loaded twin store: expert t's ``twin`` tensor is ``shared + u_t @ v_t``."""
 
     method = "twin"
+    serving = "mix"
 
     def factors(self, tensor: str, expert: str | int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ``expert``'s exclusive factors ``(u (rows, r), v (r, cols))`` of a tensor."""
@@ -403,10 +407,6 @@ class TwinStore(Store):
         part = "merged" if entry.kind == "merged" else "shared"
         return self.pieces[piece_name(name, part)]
 
-    def shared_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the shared model (what the runtime runs with all weights zero)."""
-        return {name: self.shared_tensor(name).clone() for name in self.entries}
-
     def recon_error(self) -> dict[str, Any]:
         """The builder's reconstruction errors (``mean``, ``max``, ``max_tensor``, per tensor)."""
         return dict(self.manifest.get("summary", {}).get("recon_error", {}))
@@ -430,12 +430,8 @@ class TwinStore(Store):
         return "\n".join(lines)
 
 
-def recon_errors(store: TwinStore) -> Sequence[float]:
-    """Per-tensor reconstruction errors of a store, in manifest order."""
-    return [v["error"] for v in store.recon_error().get("tensors", {}).values()]
 
-
-TWIN = register_store_method(StoreMethod(
+TWIN = register(StoreMethod(
     name="twin",
     description="Twin-Merging: a shared expert merged once plus each expert's exclusive "
                 "knowledge as low-rank SVD factors, mixed per input by a router.",

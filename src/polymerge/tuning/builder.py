@@ -1,4 +1,4 @@
-"""``polymerge merge`` for ``merge_method: supermerge | adamerging``: plan, learn, write.
+"""The learned merges (``supermerge``, ``adamerging``) as registry entries: plan, learn, write.
 
 1. validate the recipe's parameters and every input (the static planner's checks);
 2. load the model once from the base, and the training data (a JSONL file or a zoo suite's
@@ -6,7 +6,7 @@
 3. walk the merge tree (one group when flat): per group read its members' task vectors
    through the engine, learn the group's coefficients, and (below the root) write the group's
    result as a temporary float32 checkpoint that the next level reads as one expert;
-4. stream the root group's result into the output folder, atomically, with
+4. stream the root group's result into the output folder (the registry's atomic one), with
    ``coefficients.json`` (per-level and effective coefficients, ``c_eff(i, layer)``: the
    product along expert i's path) and ``coefficients.png``.
 """
@@ -22,14 +22,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from polymerge.builders import BuildFn
 from polymerge.engine import resolve_device
 from polymerge.errors import RecipeError
 from polymerge.io.dtypes import dtype_name
 from polymerge.io.hf_files import tokenizer_source_dir
-from polymerge.io.writer import AtomicOutputDir, check_output_target
+from polymerge.methods.schema import Schema
 from polymerge.plan import MergePlan
 from polymerge.recipe import Recipe
+from polymerge.registry import Method, RunOptions, write_plan_extras
 from polymerge.tuning.coefficients import layer_order
 from polymerge.tuning.data import load_examples, split_heldout
 from polymerge.tuning.hierarchical import TreeRun
@@ -39,13 +39,10 @@ from polymerge.tuning.output import (
     effective_table,
     write_checkpoint,
     write_coefficients_json,
-    write_extras,
     write_heatmap,
 )
-from polymerge.tuning.params import METHODS, LearnedMethod, TuningConfig, parse_config
+from polymerge.tuning.params import PARAMS, LearnedMethod, TuningConfig, parse_config
 from polymerge.tuning.task_vectors import Node, plan_for
-
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 def peak_rss_bytes() -> int:
@@ -54,95 +51,98 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def dry_plan(recipe: Recipe, out: str | Path | None = None, *, dtype: str | None = None,
-             allow_pickle: bool = False) -> MergePlan:
-    """Validate a learned-merge recipe (parameters, inputs, disk) without loading any model;
-    ``polymerge merge --dry-run`` prints its summary. The caller closes the plan."""
-    method = METHODS.get(recipe.merge_method)
-    if method is None:
-        raise RecipeError(f"{recipe.merge_method!r} is not a learned merge")
-    parse_config(method, dict(recipe.parameters), recipe.seed,
-                 {e.display_name: dict(e.parameters) for e in recipe.models})
-    if recipe.base_model is None:
-        raise RecipeError(f"merge_method {method.name} needs a base_model")
-    out_dir = None if out is None else Path(out).expanduser().absolute()
-    return plan_for(recipe, [e.display_name for e in recipe.experts()], out_dir=out_dir,
-                    allow_pickle=allow_pickle, dtype=dtype)
+class LearnedMerge(Method):
+    """A learned merge (kind ``learned``): its schema, validation and training run."""
+
+    kind = "learned"
+
+    def __init__(self, method: LearnedMethod) -> None:
+        self.method = method
+        self.name = method.name
+        self.description = method.description
+        self.reference = method.reference
+
+    def schema(self, recipe: Recipe) -> Schema:
+        return Schema(name=self.name, params=PARAMS, description=self.description,
+                      base_policy="required", min_experts=1, reference=self.reference)
+
+    def validate(self, recipe: Recipe) -> None:
+        _config(self.method, recipe)
+
+    def plan(self, recipe: Recipe, *, out_dir: Path | None = None, allow_pickle: bool = False,
+             dtype: str | None = None) -> MergePlan:
+        self.validate(recipe)
+        return plan_for(recipe, [e.display_name for e in recipe.experts()], out_dir=out_dir,
+                        allow_pickle=allow_pickle, dtype=dtype)
+
+    def write(self, plan: MergePlan, folder: Path, options: RunOptions) -> None:
+        learn_and_write(plan, folder, self.method, options)
 
 
-def learned_merge(recipe: Recipe, out: str | Path, method: LearnedMethod, *,
-                  force: bool = False, device: str = "cpu", dtype: str | None = None,
-                  shard_size: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False,
-                  progress: bool = True) -> Path:
-    """Learn the coefficients of ``recipe``'s experts and write the merged model to ``out``."""
-    start = time.perf_counter()
+def _config(method: LearnedMethod, recipe: Recipe) -> TuningConfig:
     cfg = parse_config(method, dict(recipe.parameters), recipe.seed,
                        {e.display_name: dict(e.parameters) for e in recipe.models})
     if recipe.base_model is None:
         raise RecipeError(f"merge_method {method.name} needs a base_model")
+    return cfg
+
+
+def learn_and_write(full_plan: MergePlan, folder: Path, method: LearnedMethod,
+                    options: RunOptions) -> None:
+    """Learn the coefficients of the planned experts and write the merged model to
+    ``folder``."""
+    start = time.perf_counter()
+    recipe = full_plan.recipe
+    cfg = _config(method, recipe)
     experts = recipe.experts()
-    if not experts:
-        raise RecipeError(f"merge_method {method.name} needs at least 1 model other than the "
-                          "base")
-    out_path = Path(out).expanduser().absolute()
-    check_output_target(out_path, force=force)
+    device = options.device
     dev = resolve_device(device)
     names = [e.display_name for e in experts]
-    full_plan = plan_for(recipe, names, out_dir=out_path, allow_pickle=allow_pickle,
-                         dtype=dtype)
+    base = Path(str(recipe.base_model))
+    objective = make_objective(
+        base, [(e.display_name, Path(e.model)) for e in experts],
+        tokenizer_source_dir(recipe.tokenizer_source, full_plan.reference.path),
+        cfg.max_length).to(dev)
+    examples = load_examples(cfg.data, objective.specs, base, needs_labels=method.needs_labels,
+                             sources=options.data_sources)
+    train_ex, held_ex = split_heldout(examples, cfg.holdout, cfg.seed)
+    scratch = Path(tempfile.mkdtemp(prefix=".levels-", dir=folder))
     try:
-        base = Path(recipe.base_model)
-        objective = make_objective(
-            base, [(e.display_name, Path(e.model)) for e in experts],
-            tokenizer_source_dir(recipe.tokenizer_source, full_plan.reference.path),
-            cfg.max_length).to(dev)
-        examples = load_examples(cfg.data, objective.specs, base,
-                                 needs_labels=method.needs_labels)
-        train_ex, held_ex = split_heldout(examples, cfg.holdout, cfg.seed)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.levels-",
-                                        dir=out_path.parent if out_path.parent.exists()
-                                        else None))
+        dtype = options.dtype or dtype_name(full_plan.out_dtype)
+        run = TreeRun(recipe, cfg, objective, objective.prepare(train_ex),
+                      objective.prepare(held_ex), scratch, device=device, dtype=dtype,
+                      allow_pickle=options.allow_pickle, progress=options.progress)
+        top_plan, local, final = run.walk(full_plan.reference)
         try:
-            run = TreeRun(recipe, cfg, objective, objective.prepare(train_ex),
-                       objective.prepare(held_ex), scratch, device=device,
-                       dtype=dtype or dtype_name(full_plan.out_dtype),
-                       allow_pickle=allow_pickle, progress=progress)
-            top_plan, local, final = run.walk(full_plan.reference)
-            try:
-                _write_output(out_path, force, full_plan, top_plan, local, final, cfg, run,
-                              names, len(train_ex), len(held_ex), start, recipe, shard_size,
-                              device, progress)
-            finally:
-                top_plan.close()
+            _write_output(folder, full_plan, top_plan, local, final, cfg, run, names,
+                          len(train_ex), len(held_ex), start, options)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            top_plan.close()
     finally:
-        full_plan.close()
-    return out_path
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_output(out_path: Path, force: bool, full_plan: MergePlan, top_plan: MergePlan,
-                  local: Node, final: Node, cfg: TuningConfig, run: TreeRun, names: list[str],
-                  n_train: int, n_held: int, start: float, recipe: Recipe, shard_size: int,
-                  device: str, progress: bool) -> None:
+def _write_output(tmp: Path, full_plan: MergePlan, top_plan: MergePlan, local: Node,
+                  final: Node, cfg: TuningConfig, run: TreeRun, names: list[str],
+                  n_train: int, n_held: int, start: float, options: RunOptions) -> None:
     """The merged checkpoint (from the last group's inputs), extras, coefficients, heatmap."""
     method = cfg.method
     layers = [layer for layer in layer_order((j.name for j in full_plan.jobs if j.merge),
                                              cfg.granularity)
               if any((final.parts[e] or {}).get(layer) is not None for e in names)]
     table = effective_table(final, names, layers)
-    with AtomicOutputDir(out_path, force=force) as tmp:
-        write_checkpoint(top_plan, local, cfg.granularity, tmp, method=method.name,
-                         max_shard_bytes=shard_size, device=device, progress=progress)
-        info = _info(cfg, run, names, layers, table, n_train, n_held,
-                     time.perf_counter() - start)
-        write_extras(full_plan, tmp, method, recipe.to_yaml(), _card(info))
-        write_coefficients_json(tmp, info)
-        hierarchy = "hierarchical" if len(run.levels) > 1 else "flat"
-        write_heatmap(tmp / COEFFICIENTS_PNG, table, layers,
-                      title=f"{method.name} ({hierarchy}, {cfg.granularity}-wise): "
-                            "weight of each expert's task vector",
-                      value_range=(-1.0, 1.0) if method.activation == "tanh" else (0.0, 1.0))
+    write_checkpoint(top_plan, local, cfg.granularity, tmp, method=method.name,
+                     max_shard_bytes=options.shard_size, device=options.device,
+                     progress=options.progress)
+    info = _info(cfg, run, names, layers, table, n_train, n_held, time.perf_counter() - start)
+    write_plan_extras(full_plan, tmp, description=method.description,
+                      card_extra=f"\n## Learned coefficients\n\n{_card(info)}\n")
+    write_coefficients_json(tmp, info)
+    hierarchy = "hierarchical" if len(run.levels) > 1 else "flat"
+    write_heatmap(tmp / COEFFICIENTS_PNG, table, layers,
+                  title=f"{method.name} ({hierarchy}, {cfg.granularity}-wise): "
+                        "weight of each expert's task vector",
+                  value_range=(-1.0, 1.0) if method.activation == "tanh" else (0.0, 1.0))
 
 
 def _info(cfg: TuningConfig, run: TreeRun, names: list[str], layers: list[str],
@@ -180,16 +180,3 @@ def _card(info: dict[str, Any]) -> str:
                f"{g['steps_run']})" for g in groups),
              "- per-layer weights: `coefficients.json`, heatmap: `coefficients.png`"]
     return "\n".join(lines)
-
-
-def make_build_fn(method: LearnedMethod) -> BuildFn:
-    """The ``builders`` entry point for one learned method."""
-
-    def build(recipe: Recipe, out: Path, *, force: bool = False, device: str = "cpu",
-              dtype: str | None = None, shard_size: int = DEFAULT_SHARD_BYTES,
-              allow_pickle: bool = False, progress: bool = True) -> Path:
-        return learned_merge(recipe, out, method, force=force, device=device, dtype=dtype,
-                             shard_size=shard_size, allow_pickle=allow_pickle,
-                             progress=progress)
-
-    return build

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from polymerge.engine import write_tensors
 from polymerge.errors import PolymergeError
 from polymerge.io.checkpoint import Checkpoint, TensorInfo
 from polymerge.io.hf_files import write_config
-from polymerge.io.writer import ShardedWriter
 from polymerge.plan import MergePlan
 from polymerge.recipe import ModelEntry, Recipe
 from polymerge.tuning.coefficients import Coefficients, layer_order
@@ -108,14 +108,7 @@ def write_float32_copy(ckpt: Checkpoint, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     infos = [TensorInfo(n, i.shape, torch.float32 if i.dtype.is_floating_point else i.dtype)
              for n, i in ckpt.tensors().items()]
-    writer = ShardedWriter(folder, infos, SHARD_BYTES)
-    try:
-        for info in infos:
-            writer.write(info.name, ckpt.read(info.name).to(info.dtype))
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    write_tensors(folder, infos, ckpt.read, max_shard_bytes=SHARD_BYTES)
     write_config(folder, ckpt.config, torch.float32)
     return folder
 

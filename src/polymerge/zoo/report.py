@@ -1,6 +1,6 @@
 """Run merge methods over a suite and write the comparison: markdown table and bar chart.
 
-Methods come from the registry (``polymerge.methods.all_methods()``), so a method added later
+Methods come from the registry (``polymerge.registry.tensor_methods()``), so a method added later
 shows up without touching this file. Each runs with its registered defaults; a parameter that
 has no default gets the neutral value the zoo knows for it (``weight`` = 1.0 per expert,
 ``t`` = 0.5) and the table says so; a method that needs something else is listed as not
@@ -111,7 +111,7 @@ def stored_params_ratio(suite: Suite, folder: Path) -> float:
 def run_plans(suite: Suite, plans: Sequence[Plan], *, progress: bool = True,
               keep: bool = True) -> list[Row]:
     """Merge, time and evaluate each plan; a failing method becomes a row with its reason."""
-    from polymerge import merge
+    from polymerge.zoo.sources import run_merge as merge
 
     rows: list[Row] = []
     out_root = suite.root / "merges"
@@ -138,7 +138,7 @@ def run_plans(suite: Suite, plans: Sequence[Plan], *, progress: bool = True,
 
 def paper_plans(suite: Suite) -> list[Plan]:
     """Plans for :data:`PAPER_SETTINGS` (the papers' parameters instead of the defaults)."""
-    from polymerge.methods.registry import get_method
+    from polymerge.registry import get_tensor_method as get_method
 
     return [plan_method(get_method(m), suite, params, label=label)
             for label, (m, params) in PAPER_SETTINGS.items()]
@@ -149,7 +149,7 @@ def learned_rows(suite: Suite, *, progress: bool = True, keep: bool = True,
     """Rows for the learned merges (SuperMerge, AdaMerging) the suite defines, each noted with
     its number of coefficients, tuning time and memory; none when tuning is not installed."""
     try:
-        from polymerge.tuning.zoo import learned_note, learned_recipes
+        from polymerge.zoo.learned import learned_note, learned_recipes
     except ImportError:
         return []
     plans = [Plan(label, recipe) for label, recipe in
@@ -235,8 +235,8 @@ def update_marked_section(path: Path, suite_name: str, content: str) -> None:
 def store_rows(suite: Suite, *, progress: bool = True, keep: bool = True) -> list[Row]:
     """Rows for the expert stores, when the stores part is installed (else none)."""
     try:
-        from polymerge.stores.zoo import REPORT_VARIANTS
-        from polymerge.stores.zoo import store_rows as rows_for_stores
+        from polymerge.zoo.stores import REPORT_VARIANTS
+        from polymerge.zoo.stores import store_rows as rows_for_stores
     except ImportError:
         return []
     try:
@@ -253,13 +253,13 @@ def run_report(suite: Suite, *, methods: Sequence[str] | None = None,
     """Build (or reuse) the zoo, run the methods (with ``paper``, also at the papers' settings;
     with ``stores``, the expert stores; with ``learned``, the learned merges), write markdown
     and PNG; return the paths, rows and text."""
-    from polymerge.methods import all_methods
-    from polymerge.methods.registry import get_method
+    from polymerge.registry import get_tensor_method as get_method
+    from polymerge.registry import tensor_methods
     from polymerge.zoo.plot import bar_chart
 
     suite.build(progress=progress)
     refs = reference_rows(suite, progress=progress)
-    chosen = [get_method(m) for m in methods] if methods else list(all_methods())
+    chosen = [get_method(m) for m in methods] if methods else tensor_methods()
     plans = [plan_method(m, suite) for m in chosen]
     if paper:
         plans += paper_plans(suite)

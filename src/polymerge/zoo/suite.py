@@ -145,9 +145,6 @@ class Suite(abc.ABC):
         return 0, 0
 
 
-_SUITES: dict[str, type[Suite]] = {}
-
-
 def lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up then linear decay to zero."""
     w = max(1, int(total * warmup))
@@ -156,30 +153,15 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - (w if warmup > 0 else 0)))
 
 
-def register_suite(cls: type[Suite]) -> type[Suite]:
-    """Class decorator: make a suite available to the CLI by its ``name``."""
-    if not cls.name:
-        raise ValueError("a suite needs a name")
-    _SUITES[cls.name] = cls
-    return cls
+@dataclass
+class Row:
+    """One line of a comparison: a name, its raw scores and what it costs."""
 
-
-def suite_names() -> list[str]:
-    _load_builtin()
-    return list(_SUITES)
-
-
-def get_suite(name: str, cache: Path | str | None = None, *, scale: str = "full") -> Suite:
-    """An instance of the suite called ``name``; PolymergeError lists the known ones."""
-    _load_builtin()
-    try:
-        cls = _SUITES[name]
-    except KeyError:
-        raise PolymergeError(
-            f"unknown suite {name!r}; known suites: {', '.join(_SUITES)}") from None
-    return cls(cache, scale=scale)
-
-
-def _load_builtin() -> None:
-    import polymerge.zoo.cls  # noqa: F401
-    import polymerge.zoo.gen  # noqa: F401
+    name: str
+    scores: Scores
+    kind: str = "method"
+    """base | expert | ensemble | method"""
+    note: str = ""
+    params_ratio: float | None = None
+    build_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,7 +1,6 @@
 """Subcommands of the zoo: ``zoo build|path|list``, ``eval``, ``report`` and ``demo``.
 
-``add_commands(subparsers)`` plugs them into the main ``polymerge`` parser; ``main()`` runs them
-alone (``python -m polymerge.zoo.cli ...``).
+``add_commands(subparsers)`` plugs them into the main ``polymerge`` parser.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from polymerge.errors import PolymergeError
@@ -18,7 +16,7 @@ SUITES = ("cls", "gen")
 
 
 def _suite(args: argparse.Namespace, name: str | None = None):  # -> Suite
-    from polymerge.zoo.suite import get_suite
+    from polymerge.zoo.suites import get_suite
 
     if getattr(args, "threads", None):
         import torch
@@ -85,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from polymerge.zoo.suite import suite_names
+    from polymerge.zoo.suites import suite_names
 
     for name in suite_names():
         suite = _suite(args, name)
@@ -270,22 +268,3 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, help="where to write the bar chart PNG")
     _common(p)
     p.set_defaults(func=cmd_demo)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the zoo commands without the main CLI (``python -m polymerge.zoo.cli``)."""
-    parser = argparse.ArgumentParser(prog="polymerge")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if getattr(args, "argv", 0) is None:
-        args.argv = argv
-    try:
-        return int(args.func(args) or 0)
-    except PolymergeError as exc:
-        print(f"polymerge: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,8 +3,8 @@
 * :func:`store_weights` turns a store into the zoo's ``WeightsFn``: one routed module (one
   working model, weights switched by lookup) whose expert is each task's own (``oracle``) or
   chosen per input by the store's router (``router``).
-* :func:`register` adds a target loader so ``polymerge eval STORE --suite ...`` scores a store
-  with oracle routing and ``polymerge eval STORE/router --suite ...`` with its trained router.
+* :func:`store_target` lets ``polymerge eval STORE --suite ...`` score a store with oracle
+  routing and ``polymerge eval STORE/router --suite ...`` with its trained router.
 * :func:`store_rows` builds TIES-CM and DARE-CM stores of a suite's experts (or Twin-Merging
   stores, :data:`TWIN_VARIANTS`), trains their routers on the suite's validation queries, and
   scores both routings, as report rows. A twin store's oracle routing is each task's one-hot
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from polymerge.errors import PolymergeError
-from polymerge.stores.base import ROUTER_DIR, is_store, read_manifest
+from polymerge.stores import ROUTER_DIR, is_store, read_manifest
 
 ORACLE = "oracle"
 ROUTER = "router"
@@ -77,30 +77,13 @@ def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,
     return weights
 
 
-def target_loader(path: Path, suite: Any) -> Any:
+def store_target(path: Path, suite: Any) -> Any:
     """``STORE`` -> oracle routing; ``STORE/router`` -> the store's trained router."""
     if is_store(path):
         return store_weights(path, suite, ORACLE)
     if path.name == ROUTER_DIR and is_store(path.parent):
         return store_weights(path.parent, suite, ROUTER)
     return None
-
-
-_registered = False
-
-
-def register() -> bool:
-    """Let the zoo's ``resolve_target`` accept stores (idempotent); False without the zoo."""
-    global _registered
-    if _registered:
-        return True
-    try:
-        from polymerge.zoo.evaluate import register_target_loader
-    except ImportError:
-        return False
-    register_target_loader(target_loader)
-    _registered = True
-    return True
 
 
 def store_params_ratio(suite: Any, store: str | Path) -> float:
@@ -152,8 +135,8 @@ def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_V
     A variant's parameters may name its store method as ``merge_method`` (default
     ``channel``; :data:`TWIN_VARIANTS` are ``twin``).
     """
-    from polymerge import merge
-    from polymerge.zoo.evaluate import Row
+    from polymerge.zoo.sources import run_merge as merge
+    from polymerge.zoo.suite import Row
 
     rows: list[Any] = []
     root = Path(out_root) if out_root else suite.root / "stores"

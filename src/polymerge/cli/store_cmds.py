@@ -1,7 +1,7 @@
 """Command-line entries for expert stores: ``export``, ``router train`` and ``run``.
 
-(``polymerge inspect STORE`` and ``polymerge merge`` with a store method go through the main
-commands.) Registered by :func:`polymerge.cli._add_optional_commands`.
+(``polymerge inspect STORE`` and ``polymerge merge`` with a store method go through
+:mod:`polymerge.cli.merge_cmds`.)
 """
 
 from __future__ import annotations
@@ -122,10 +122,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``export``, ``router`` and ``run`` to the main parser; let ``eval`` read stores."""
-    from polymerge.stores.zoo import register
-
-    register()
+    """Add ``export``, ``router`` and ``run`` to the main parser."""
     p = sub.add_parser("export", help="write one expert of a store as a standalone checkpoint",
                        description="Rebuild an expert from an expert store by lookup and write "
                                    "it as an ordinary HF model folder (config and tokenizer "

@@ -1,4 +1,4 @@
-"""The registry of merge methods: a name, a pure tensor function and its parameter schema.
+"""Parameter schemas, and the shape of a static merge method: a pure tensor function.
 
 Every static method is a function ``fn(base, experts, *, generator, **params) -> Tensor`` over
 float32 tensors of one weight: ``base`` is the base model's tensor (``None`` for methods that do
@@ -11,8 +11,8 @@ seed whatever the order in which tensors are processed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -82,23 +82,23 @@ class Param:
                f"{')' if self.high_open or self.high is None else ']'}"
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered static merge method."""
+@dataclass(frozen=True, kw_only=True)
+class Schema:
+    """What a method accepts, checked before any tensor is read: its parameters, whether the
+    base is separate from the inputs, how many inputs it takes, and a per-tensor check of a
+    combination of parameters. Every kind of method (tensor, store, learned) plans against
+    one of these."""
 
     name: str
-    fn: MethodFn
     params: tuple[Param, ...]
-    description: str
+    description: str = ""
     base_policy: BasePolicy = "required"
     min_experts: int = 1
     max_experts: int | None = None
-    random: bool = False
     reference: str = ""
     check_params: Callable[[dict[str, Any]], None] | None = None
     """Checks a combination of resolved parameters for one tensor (e.g. weights that sum to 0)
     and raises RecipeError; the plan calls it for every tensor before any tensor is read."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -111,39 +111,16 @@ class MergeMethod:
         return {p.name for p in self.params}
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod(Schema):
+    """A static (per-tensor) merge method: its schema and the pure function that merges."""
+
+    fn: MethodFn
+    random: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def register(method: MergeMethod) -> MergeMethod:
-    """Add a method; names are unique."""
-    if method.name in _REGISTRY:
-        raise ValueError(f"merge method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def get_method(name: str) -> MergeMethod:
-    """Look a method up by name, with the list of known names in the error."""
-    _ensure_loaded()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        from polymerge.builders import all_builders
-
-        known = ", ".join(sorted([*_REGISTRY, *(b.name for b in all_builders())]))
-        raise RecipeError(f"unknown merge_method {name!r}; known methods: {known}") from None
-
-
-def method_names() -> list[str]:
-    _ensure_loaded()
-    return sorted(_REGISTRY)
-
-
-def all_methods() -> Sequence[MergeMethod]:
-    _ensure_loaded()
-    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
-
-
-def _ensure_loaded() -> None:
-    # Importing the package registers every built-in method module.
-    import polymerge.methods  # noqa: F401
+def with_defaults(params: tuple[Param, ...], **defaults: Any) -> tuple[Param, ...]:
+    """The same parameters with some defaults changed (a store's own defaults)."""
+    return tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p
+                 for p in params)

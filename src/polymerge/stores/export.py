@@ -1,0 +1,48 @@
+"""Write one expert of a store as a standalone HF checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from polymerge.engine import write_tensors
+from polymerge.errors import PolymergeError
+from polymerge.io.checkpoint import TensorInfo
+from polymerge.io.dtypes import parse_dtype
+from polymerge.io.hf_files import write_output_extras
+from polymerge.io.writer import AtomicOutputDir, check_output_target
+from polymerge.registry import DEFAULT_SHARD_SIZE, parse_size
+from polymerge.stores.store import Store, open_store
+
+
+def export_expert(store: Store | str | Path, expert: str, out: str | Path, *,
+                  force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                  dtype: str | None = None) -> Path:
+    """Write expert ``expert`` of a store as an HF checkpoint folder at ``out`` (atomically)."""
+    out_path = Path(out).expanduser().absolute()
+    source = Path(store.path if isinstance(store, Store) else store).expanduser().resolve()
+    target = out_path.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise PolymergeError(f"output {out} overlaps the store {source}; choose another output "
+                             "folder (the store is never modified)")
+    check_output_target(out_path, force=force)
+    max_shard = parse_size(shard_size)
+    loaded = store if isinstance(store, Store) else open_store(store)
+    i = loaded.expert_index(expert)
+    name = loaded.experts[i]
+    out_dtype = parse_dtype(dtype) if dtype else loaded.dtype
+    infos = [TensorInfo(n, e.shape, out_dtype if e.dtype.is_floating_point else e.dtype)
+             for n, e in loaded.entries.items()]
+    with AtomicOutputDir(out_path, force=force) as tmp:
+        write_tensors(tmp, infos, lambda tensor: loaded.tensor(tensor, i),
+                      max_shard_bytes=max_shard,
+                      metadata={"polymerge_store": loaded.method, "polymerge_expert": name})
+        params = loaded.manifest.get("parameters", {})
+        write_output_extras(
+            tmp, config=loaded.config, dtype=out_dtype, support_dir=loaded.path,
+            method=f"{loaded.method} store, expert {name}",
+            description=f"expert {name!r} rebuilt by lookup from the store {loaded.path.name}",
+            base=loaded.manifest.get("base", {}).get("path"),
+            inputs=[(name, str(loaded.path))], recipe_yaml=json.dumps(params, indent=2),
+            write_recipe=False)
+    return out_path

@@ -1,0 +1,191 @@
+"""The expert-store folder format: manifest, piece names, tensor entries, parameter counts.
+
+An expert store is a folder::
+
+    polymerge_store.json   manifest: format version, method, experts, base, parameters,
+                           every tensor's kind and pieces, parameter counts
+    pieces/                safetensors shard(s) of the stored pieces (``<tensor>@<part>``)
+    config.json, tokenizer files, polymerge_recipe.yaml, README.md
+    router/                optional task router (see :mod:`polymerge.routing`)
+
+Pieces live under ``pieces/`` so the folder is never mistaken for a model checkpoint. Kinds
+every store can use: ``shared`` (non-float buffers copied from the base), ``expert`` (one copy
+per expert) and ``merged`` (one static merge of all experts); a store adds its own kinds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymerge.errors import CheckpointError, RecipeError
+from polymerge.io.checkpoint import TensorInfo
+from polymerge.io.dtypes import dtype_name, element_size, parse_dtype
+from polymerge.plan import TensorJob
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "polymerge-expert-store"
+MANIFEST_NAME = "polymerge_store.json"
+PIECES_DIR = "pieces"
+ROUTER_DIR = "router"
+_PIECE_SEP = "@"
+
+
+def piece_name(tensor: str, part: str) -> str:
+    """Name of one stored piece of a tensor, e.g. ``model.layers.0.mlp.up_proj.weight@groups``."""
+    return f"{tensor}{_PIECE_SEP}{part}"
+
+
+def expert_part(index: int) -> str:
+    return f"expert.{index}"
+
+
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """How one model tensor is stored: its kind and the pieces written for it.
+
+    ``index`` names the pieces that are lookup metadata (not weights); they are counted apart
+    from the stored parameters.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: tuple[TensorInfo, ...]
+    index: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape),
+                               "dtype": dtype_name(self.dtype),
+                               "pieces": {p.name: {"shape": list(p.shape),
+                                                   "dtype": dtype_name(p.dtype)}
+                                          for p in self.pieces}}
+        if self.index:
+            out["index"] = list(self.index)
+        if self.extra:
+            out["extra"] = self.extra
+        return out
+
+    @classmethod
+    def from_json(cls, name: str, data: Mapping[str, Any]) -> TensorEntry:
+        pieces = tuple(TensorInfo(p, tuple(v["shape"]), parse_manifest_dtype(v["dtype"]))
+                       for p, v in data["pieces"].items())
+        return cls(name, data["kind"], tuple(data["shape"]),
+                   parse_manifest_dtype(data["dtype"]), pieces,
+                   tuple(data.get("index", ())), dict(data.get("extra", {})))
+
+
+def parse_manifest_dtype(name: str) -> torch.dtype:
+    """A dtype named in a manifest (one of ours, or any torch dtype name)."""
+    try:
+        return parse_dtype(name)
+    except RecipeError:
+        dt = getattr(torch, name, None)
+        if not isinstance(dt, torch.dtype):
+            raise CheckpointError(f"unknown dtype {name!r} in a store manifest") from None
+        return dt
+
+
+def shared_entry(job: TensorJob) -> TensorEntry:
+    """A tensor copied unchanged from the base (non-float buffers)."""
+    info = TensorInfo(piece_name(job.name, "shared"), job.out.shape, job.out.dtype)
+    return TensorEntry(job.name, "shared", job.out.shape, job.out.dtype, (info,))
+
+
+def expert_entry(job: TensorJob, n: int) -> TensorEntry:
+    """A tensor stored once per expert (exact)."""
+    pieces = tuple(TensorInfo(piece_name(job.name, expert_part(i)), job.out.shape,
+                              job.out.dtype) for i in range(n))
+    return TensorEntry(job.name, "expert", job.out.shape, job.out.dtype, pieces)
+
+
+def merged_entry(job: TensorJob) -> TensorEntry:
+    """A tensor stored once, as a static merge of every expert."""
+    info = TensorInfo(piece_name(job.name, "merged"), job.out.shape, job.out.dtype)
+    return TensorEntry(job.name, "merged", job.out.shape, job.out.dtype, (info,))
+
+
+def parameter_counts(entries: Iterable[TensorEntry], n_experts: int) -> dict[str, Any]:
+    """Stored parameters against the ensemble of ``n_experts`` full models.
+
+    ``model``: parameters of one model (every tensor, buffers included); ``ensemble``: N times
+    that; ``stored``: numbers in the stored pieces except lookup indexes, which are counted
+    apart (``index_entries``, ``index_bytes``); byte counts cover everything stored.
+    """
+    entries = list(entries)
+    model = sum(e.numel for e in entries)
+    model_bytes = sum(e.numel * element_size(e.dtype) for e in entries)
+    stored = index_entries = stored_bytes = index_bytes = 0
+    by_kind: dict[str, int] = {}
+    for e in entries:
+        for p in e.pieces:
+            stored_bytes += p.nbytes
+            if p.name in e.index:
+                index_entries += p.numel
+                index_bytes += p.nbytes
+            else:
+                stored += p.numel
+                by_kind[e.kind] = by_kind.get(e.kind, 0) + p.numel
+    ensemble = n_experts * model
+    return {"experts": n_experts, "model": model, "ensemble": ensemble, "stored": stored,
+            "stored_by_kind": by_kind, "index_entries": index_entries,
+            "index_bytes": index_bytes, "stored_bytes": stored_bytes,
+            "ensemble_bytes": n_experts * model_bytes,
+            "ratio": stored / ensemble if ensemble else float("nan"),
+            "bytes_ratio": stored_bytes / (n_experts * model_bytes) if model_bytes else
+            float("nan")}
+
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+
+def is_store(path: str | Path) -> bool:
+    """True when ``path`` is a folder with a store manifest."""
+    return (Path(path).expanduser() / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a store folder, checked: format, version and every listed file."""
+    folder = Path(path).expanduser()
+    file = folder / MANIFEST_NAME
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such store")
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: not an expert store (no {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable store manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{file}: not a polymerge store manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{file}: the manifest has no format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder}: store format version {version} is newer than this polymerge reads "
+            f"(up to {FORMAT_VERSION}); upgrade polymerge to load it")
+    missing = [f for f in manifest.get("files", []) if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: the store is incomplete: {missing[0]} is missing "
+                              f"({len(missing)} missing file(s)); rebuild or re-copy it")
+    return manifest
