@@ -6,4 +6,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check src tests bench
+lint-imports
 python -m pytest "$@"

@@ -29,6 +29,7 @@ from polymerge.stores.manifest import (
     FORMAT_VERSION,
     PIECES_DIR,
     TensorEntry,
+    check_expert_name,
     parameter_counts,
     piece_name,
     shared_entry,
@@ -84,6 +85,8 @@ class StoreMethod(Method):
                       base_policy="required", min_experts=1, reference=self.reference)
 
     def validate(self, recipe: Recipe) -> None:
+        for entry in recipe.experts():
+            check_expert_name(entry.display_name, f"model {entry.model}")
         if self._validate is not None:
             self._validate(recipe, len(recipe.experts()))
 

@@ -16,6 +16,8 @@ per expert) and ``merged`` (one static merge of all experts); a store adds its o
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +67,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape),
@@ -184,8 +183,59 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{folder}: store format version {version} is newer than this polymerge reads "
             f"(up to {FORMAT_VERSION}); upgrade polymerge to load it")
-    missing = [f for f in manifest.get("files", []) if not (folder / f).is_file()]
+    check_manifest(manifest, file)
+    missing = [f for f in manifest["files"] if not (folder / f).is_file()]
     if missing:
         raise CheckpointError(f"{folder}: the store is incomplete: {missing[0]} is missing "
                               f"({len(missing)} missing file(s)); rebuild or re-copy it")
     return manifest
+
+
+EXPERT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+"""A plain expert name: a store uses it as a folder name (``export --expert all``), so it may
+not hold a path separator, start with a dot or a dash, or be empty."""
+
+
+def check_expert_name(name: Any, where: str) -> str:
+    """``name`` when it is a plain name, else a one-line error naming ``where``."""
+    if not isinstance(name, str) or not EXPERT_NAME.match(name):
+        raise CheckpointError(f"{where}: expert name {name!r} is not a plain name (letters, "
+                              "digits, '_', '.', '+', '-'; no path separators); set `name:` "
+                              "in the recipe")
+    return name
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """The manifest's structure, before anything trusts it: plain unique expert names, every
+    tensor entry well formed, and listed files that stay inside the store's ``pieces/``."""
+    experts = manifest.get("experts")
+    if not isinstance(experts, list) or not experts:
+        raise CheckpointError(f"{where}: the manifest lists no experts")
+    for name in experts:
+        check_expert_name(name, str(where))
+    if len(set(experts)) != len(experts):
+        raise CheckpointError(f"{where}: the manifest names an expert twice")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise CheckpointError(f"{where}: the manifest's 'files' is not a list of file names")
+    for f in files:
+        parts = Path(f).parts
+        if len(parts) != 2 or parts[0] != PIECES_DIR or parts[1] in (".", "..") \
+                or Path(f).is_absolute():
+            raise CheckpointError(f"{where}: listed file {f!r} is not inside {PIECES_DIR}/")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:
+        raise CheckpointError(f"{where}: the manifest lists no tensors")
+    if not isinstance(manifest.get("dtype"), str):
+        raise CheckpointError(f"{where}: the manifest has no dtype")
+    for name, data in tensors.items():
+        try:
+            entry = TensorEntry.from_json(name, data)
+            ok = all(isinstance(d, int) and d >= 0 for d in entry.shape) and \
+                all(isinstance(d, int) and d >= 0 for p in entry.pieces for d in p.shape)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            ok = False
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: tensor {name!r}: {exc}") from None
+        if not ok or not isinstance(data.get("kind"), str):
+            raise CheckpointError(f"{where}: tensor {name!r} has a malformed entry")

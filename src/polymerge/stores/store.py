@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 import torch
 
 from polymerge import registry
-from polymerge.engine import resolve_device
+from polymerge.engine import check_finite, resolve_device
 from polymerge.errors import CheckpointError, PolymergeError
 from polymerge.io.checkpoint import open_checkpoint
+from polymerge.io.dtypes import dtype_name
 from polymerge.stores.manifest import (
     PIECES_DIR,
     ROUTER_DIR,
@@ -274,11 +275,19 @@ def open_store(path: str | Path, *, device: str | torch.device = "cpu") -> Store
         pieces: dict[str, torch.Tensor] = {}
         dev = resolve_device(device)
         for name, data in manifest["tensors"].items():
-            for piece in data["pieces"]:
-                if piece not in available:
-                    raise CheckpointError(f"{folder}: the store is incomplete: piece {piece!r} "
-                                          f"of tensor {name!r} is missing")
-                pieces[piece] = reader.read(piece).to(dev)
+            for info in TensorEntry.from_json(name, data).pieces:
+                have = available.get(info.name)
+                if have is None:
+                    raise CheckpointError(f"{folder}: the store is incomplete: piece "
+                                          f"{info.name!r} of tensor {name!r} is missing")
+                if have.shape != info.shape or have.dtype != info.dtype:
+                    raise CheckpointError(
+                        f"{folder}: piece {info.name!r} is {list(have.shape)} "
+                        f"{dtype_name(have.dtype)} but the manifest says {list(info.shape)} "
+                        f"{dtype_name(info.dtype)}; the store was altered")
+                tensor = reader.read(info.name)
+                check_finite(tensor, f"store {folder.name}", info.name)
+                pieces[info.name] = tensor.to(dev)
     finally:
         reader.close()
     return entry.store_cls(folder, manifest, pieces)  # type: ignore[attr-defined]

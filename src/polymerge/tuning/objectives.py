@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from polymerge.errors import CheckpointError
+from polymerge.io.heads import HEAD_FILE, load_head
 from polymerge.tuning.data import DataError, Example, TaskSpec
 from polymerge.tuning.params import Criterion
 
 Forward = Callable[..., Any]
-HEAD_FILE = "heads/head.safetensors"
-LABELS_FILE = "heads/labels.json"
 DEFAULT_MAX_LENGTH = 128
 
 
@@ -223,24 +222,6 @@ def is_causal_lm(base: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(base))
 
 
-def _head(expert: Path, name: str) -> tuple[torch.nn.Linear, dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(expert / HEAD_FILE))
-        meta = json.loads((expert / LABELS_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"expert {name}: no readable task head in {expert / 'heads'} "
-                              f"({exc})") from None
-    if meta.get("pooling", "mean") != "mean":
-        raise CheckpointError(f"expert {name}: pooling {meta['pooling']!r} is not supported "
-                              "(mean pooling only)")
-    w = sd["weight"]
-    head = torch.nn.Linear(w.shape[1], w.shape[0], bias="bias" in sd)
-    head.load_state_dict(sd)
-    return head, meta
-
-
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No load reports or progress bars from transformers while the model loads."""
@@ -286,7 +267,7 @@ def make_objective(base: Path, experts: Sequence[tuple[str, Path]], tokenizer_di
     specs = []
     lengths = []
     for name, path in experts:
-        head, meta = _head(path, name)
+        head, meta = load_head(path, name)
         heads[name] = head
         task = meta.get("task")
         labels = tuple(str(y) for y in (meta.get("labels") or range(head.out_features)))

