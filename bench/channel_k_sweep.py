@@ -39,7 +39,8 @@ def main() -> None:
     sweep = Sweep(args)
 
     import polymerge
-    from polymerge.stores.zoo import (
+    from polymerge.zoo.report import plan_method, stored_params_ratio
+    from polymerge.zoo.stores import (
         ROUTER,
         ZOO_SCOPE,
         channel_recipe,
@@ -47,7 +48,6 @@ def main() -> None:
         store_weights,
         train_suite_router,
     )
-    from polymerge.zoo.report import plan_method, stored_params_ratio
 
     suite = sweep.suite
     n = len(suite.tasks)
@@ -77,7 +77,7 @@ def main() -> None:
                           build + router_s,
                           f"routing accuracy {metrics.get('test_accuracy', math.nan):.3f}")
     if not args.no_static:
-        from polymerge.methods import get_method
+        from polymerge.registry import get_tensor_method as get_method
 
         same = {"density": args.density, "lambda": args.lam}
         for name, params in (("ties", same), ("dare_ties", same),

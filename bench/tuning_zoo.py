@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from polymerge.tuning.zoo import learned_recipes, learned_summary
 from polymerge.zoo import get_suite
 from polymerge.zoo.evaluate import markdown_table, reference_rows, summary
+from polymerge.zoo.learned import learned_recipes, learned_summary
 
 BASELINES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # label -> (method, shared parameters, per-model parameters)

@@ -36,8 +36,8 @@ def main() -> None:
     sweep = Sweep(args)
 
     import polymerge
-    from polymerge.stores.base import read_manifest
-    from polymerge.stores.zoo import (
+    from polymerge.stores import read_manifest
+    from polymerge.zoo.stores import (
         ROUTER,
         ZOO_SCOPE,
         store_params_ratio,

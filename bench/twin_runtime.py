@@ -152,8 +152,9 @@ class Materializer:
     weight vector, then a plain forward pass."""
 
     def __init__(self, store: Any) -> None:
-        from polymerge.runtime.twin import LowRank, build_shared_model
-        from polymerge.stores.base import expert_part, piece_name
+        from polymerge.runtime import build_shared_model
+        from polymerge.runtime.mixing_layers import LowRank
+        from polymerge.stores import expert_part, piece_name
 
         self.model = build_shared_model(store)
         targets = store.targets(self.model)
@@ -200,13 +201,11 @@ def top_k_weights(rows: int, experts: int, k: int, g: torch.Generator) -> torch.
     return w / w.sum(-1, keepdim=True)
 
 
-def paths_taken(rt: Any) -> dict[str, int]:
-    """How many mixed linears and embeddings took each path in the last forward pass."""
+def paths_taken(mixture: Any) -> dict[str, int]:
+    """How many mixed linears and embeddings took each path in a call (its Mixture)."""
     counts: dict[str, int] = {}
-    for module in rt.twin_modules.values():
-        path = getattr(module, "last_path", None)
-        if path is not None:
-            counts[path] = counts.get(path, 0) + 1
+    for path in mixture.paths.values():
+        counts[path] = counts.get(path, 0) + 1
     return counts
 
 
@@ -219,13 +218,11 @@ def describe_paths(counts: dict[str, int]) -> str:
 def time_twin(rt: Any, ids: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
               repeats: int) -> float:
     def run() -> Any:
-        rt.set_weights(w, fold=False)
-        return rt.model(input_ids=ids, attention_mask=mask)
+        with rt.mixed(w, fold=False):
+            return rt.model(input_ids=ids, attention_mask=mask)
 
     with torch.inference_mode():
-        t = median_time(run, repeats)
-        rt.set_weights(None)
-    return t
+        return median_time(run, repeats)
 
 
 def extra_flops(store: Any) -> float:
@@ -260,13 +257,19 @@ def time_batches(rt: Any, mat: Materializer, batches: list[int], seq: int, repea
 
         def run_twin(ids: torch.Tensor = ids, mask: torch.Tensor = mask,
                      w: torch.Tensor = w) -> Any:
-            rt.set_weights(w, fold=False)
-            return rt.model(input_ids=ids, attention_mask=mask)
+            with rt.mixed(w, fold=False):
+                return rt.model(input_ids=ids, attention_mask=mask)
+
+        def mixed_paths(w: torch.Tensor, ids: torch.Tensor = ids,
+                        mask: torch.Tensor = mask) -> tuple[Any, dict[str, int]]:
+            with rt.mixed(w, fold=False) as mixture:
+                out = rt.model(input_ids=ids, attention_mask=mask)
+            return out, paths_taken(mixture)
 
         def run_fold(ids: torch.Tensor = ids, mask: torch.Tensor = mask,
                      one: torch.Tensor = one) -> Any:
-            rt.set_weights(one, fold=True)
-            return rt.model(input_ids=ids, attention_mask=mask)
+            with rt.mixed(one, fold=True):
+                return rt.model(input_ids=ids, attention_mask=mask)
 
         def run_mat(ids: torch.Tensor = ids[:k], mask: torch.Tensor = mask[:k],
                     w: torch.Tensor = w[:k]) -> Any:
@@ -277,19 +280,18 @@ def time_batches(rt: Any, mat: Materializer, batches: list[int], seq: int, repea
             t_twin = median_time(run_twin, repeats)
             t_fold = median_time(run_fold, repeats)
             t_mat = median_time(run_mat, repeats) * b / k
-            batched = run_twin().last_hidden_state[:k]
-            dense_paths = paths_taken(rt)
+            out, dense_paths = mixed_paths(w)
+            batched = out.last_hidden_state[:k]
             per_input = torch.stack(mat.run(ids[:k], mask[:k], w[:k]))
             diff = float((batched - per_input).abs().max())
             top: dict[int, dict[str, Any]] = {}
             for topk, wk in routed.items():
                 t_k = median_time(partial(run_twin, w=wk), repeats)
-                batched = run_twin(w=wk).last_hidden_state[:k]
-                paths = paths_taken(rt)
+                out, paths = mixed_paths(wk)
+                batched = out.last_hidden_state[:k]
                 per_input = torch.stack(mat.run(ids[:k], mask[:k], wk[:k]))
                 top[topk] = {"twin": t_k, "diff": float((batched - per_input).abs().max()),
                              "paths": paths, "routes": int((wk != 0).any(0).sum())}
-            rt.set_weights(None)
         rows.append({"batch": b, "plain": t_plain, "twin": t_twin, "materialized": t_mat,
                      "folded": t_fold, "diff": diff, "measured_inputs": k, "top": top,
                      "paths": dense_paths})
@@ -375,7 +377,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
                   "above) against top-k routing (per-row softmax, each row's k largest "
                   "weights kept and renormalized, routes mixed across the batch). Each mixed "
                   "linear and embedding picks its path by the runtime's cost rule "
-                  "(`polymerge.runtime.twin.choose_path`): *dense* (every row against the "
+                  "(`polymerge.runtime.mixing_cost.choose_path`): *dense* (every row against the "
                   "stacked factors of every active expert), *experts* (each expert on the rows "
                   "that weight it: gather, two GEMMs, index_add) or *sets* (each set of "
                   "experts on the rows routed to exactly that set, their factors stacked); "
@@ -510,11 +512,10 @@ def main() -> int:
             ids = torch.randint(1000, 30000, (1, 1))
 
             def fold_once(rt: Any = rt) -> None:
-                rt.set_weights(one, fold=True)
-                rt.model(input_ids=ids)
+                with rt.mixed(one, fold=True):
+                    rt.model(input_ids=ids)
 
             fold_ms = median_time(fold_once, args.repeats) * 1e3
-            rt.set_weights(None)
         info = {"model": counts["model"], "counts": counts, "factor_params": factor_params,
                 "build": build, "memory": rt.memory()["total"],
                 "ensemble_bytes": counts["ensemble_bytes"], "fold_ms": fold_ms}

@@ -143,8 +143,8 @@ def test_merge_force(make_models, outs, capsys):
     ms = make_models("llama", 1)
     recipe = write_recipe(ms, ms.root / "r.yaml")
     target = outs / "merged"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    assert cli(capsys, "merge", str(recipe), "-o", str(target), "-q")[0] == 0
+    (target / "old.txt").write_text("old")  # --force replaces only polymerge's own outputs
     code, _, err = cli(capsys, "merge", str(recipe), "-o", str(target), "-q")
     assert code == 2
     line = error_line(err)

@@ -400,12 +400,12 @@ def test_atomic_output_success_and_failure(tmp_path):
     with pytest.raises(ValueError), AtomicOutputDir(target, force=True) as tmp:
         (tmp / "g.txt").write_text("new")
         raise ValueError("stop")
-    assert sorted(p.name for p in target.iterdir()) == ["f.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".polymerge-output", "f.txt"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
 
     with AtomicOutputDir(target, force=True) as tmp:
         (tmp / "g.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["g.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".polymerge-output", "g.txt"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
 
 

@@ -14,15 +14,16 @@ from polymerge.errors import CheckpointError, PolymergeError
 from polymerge.routing import (
     FeatureModel,
     LabelledTexts,
+    Router,
     accuracy,
     load_router,
-    read_jsonl,
+    read_labelled_jsonl,
     save_router,
     stratified_split,
     train_router,
-    train_store_router,
 )
 from polymerge.routing.router import INFO_FILE
+from polymerge.runtime import train_store_router
 
 
 def _blobs(n_per: int, experts: list[str], dim: int = 16, seed: int = 0,
@@ -99,14 +100,47 @@ def test_unknown_labels_are_refused():
         train_router(torch.zeros(2, 3), ["a", "z"], ["a", "b"])
 
 
-def test_read_jsonl(tmp_path):
+def test_read_labelled_jsonl(tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_text('{"text": "hi", "expert": "a"}\n\n{"text": "yo", "expert": "b"}\n')
-    data = read_jsonl(f)
-    assert data.texts == ["hi", "yo"] and data.experts == ["a", "b"]
+    f.write_text('{"text": "hi", "expert": "a"}\n\n{"text": "yo", "task": "b", "label": 1}\n'
+                 '{"text": "ok", "expert": "c", "task": "c"}\n')
+    data = read_labelled_jsonl(f)
+    assert data.texts == ["hi", "yo", "ok"] and data.experts == ["a", "b", "c"]
+    assert data.labels == [None, 1, None]
+    assert data.where == [f"{f}:1", f"{f}:3", f"{f}:4"]
     f.write_text('{"text": "hi"}\n')
-    with pytest.raises(PolymergeError, match=":1: each record needs"):
-        read_jsonl(f)
+    with pytest.raises(PolymergeError, match=r"d.jsonl:1: 'expert' \(or its alias 'task'\) "
+                                             "is required"):
+        read_labelled_jsonl(f)
+    assert read_labelled_jsonl(f, default_expert="only").experts == ["only"]
+    f.write_text('{"text": "a", "expert": "x", "task": "y"}\n')
+    with pytest.raises(PolymergeError, match="d.jsonl:1: 'expert' and its alias 'task'"):
+        read_labelled_jsonl(f)
+
+
+def test_router_weights_softmax_temperature_top_k():
+    torch.manual_seed(0)
+    router = Router(6, ["a", "b", "c", "d"], hidden=8)
+    feats = torch.randn(5, 6)
+    w = router.weights(feats)
+    assert w.shape == (5, 4) and (w > 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(5))
+    torch.testing.assert_close(w, router.probabilities(feats))
+    k2 = router.weights(feats, top_k=2)
+    assert ((k2 > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(k2.sum(-1), torch.ones(5))
+    assert torch.equal(k2.argmax(-1), w.argmax(-1))
+    cold = router.weights(feats, temperature=1e-4)
+    torch.testing.assert_close(cold, torch.nn.functional.one_hot(w.argmax(-1), 4).float(),
+                               rtol=0, atol=1e-4)
+    hot = router.weights(feats, temperature=100.0)
+    torch.testing.assert_close(hot, torch.full((5, 4), 0.25), rtol=0, atol=0.02)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(PolymergeError, match="temperature must be a number > 0"):
+            router.weights(feats, temperature=bad)
+    for bad in (0, 5, 1.5):
+        with pytest.raises(PolymergeError, match="top_k must be an integer from 1 to 4"):
+            router.weights(feats, top_k=bad)  # type: ignore[arg-type]
 
 
 def _texts(family: int, n: int, seed: int) -> list[str]:
@@ -133,7 +167,9 @@ def test_store_router_from_base_features(tmp_path, kind):
     assert result.metrics["test_accuracy"] > 0.95
     assert (store / "router" / "router.safetensors").is_file()
     rt = polymerge.load_store(store)
-    assert rt.route(test.texts) == test.experts
+    assert [rt.experts[i] for i in rt.route(test.texts).argmax(-1)] == test.experts
+    with pytest.raises(PolymergeError, match=r"expert\(s\) \['nope'\] that are not among"):
+        train_store_router(store, LabelledTexts(["x"], ["nope"]))
     fm = FeatureModel(base)
     assert fm(["apple pear", "car"]).shape == (2, 32)
 

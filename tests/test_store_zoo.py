@@ -14,10 +14,9 @@ from polymerge.routing import suite_texts
 from polymerge.stores import export_expert, open_store
 from polymerge.zoo.stores import (
     channel_recipe,
-    register,
     store_params_ratio,
+    store_target,
     store_weights,
-    target_loader,
     train_suite_router,
 )
 from polymerge.zoo.suite import Suite
@@ -110,21 +109,20 @@ def test_oracle_routing_gives_each_task_its_expert(suite, tmp_path):
     assert weights.runtime.switches == 4
 
 
-def test_router_routing_and_target_loader(suite):
+def test_router_routing_and_store_target(suite):
     with pytest.raises(PolymergeError, match="has no router"):
         store_weights(suite.root / "store", suite, "router")
     data = suite_texts(suite, "validation")
     assert len(data) == 120 and set(data.experts) == set(suite.tasks)
     metrics = train_suite_router(suite.root / "store", suite, max_epochs=60)
     assert metrics["test_accuracy"] > 0.95
-    weights = target_loader(suite.root / "store" / "router", suite)
+    weights = store_target(suite.root / "store" / "router", suite)
     assert weights.routing == "router"
     suite.evaluate(weights)
     module = weights("expert2")
     assert module.expert is None and set(module.last_routes) == {"expert3"}
-    assert target_loader(suite.root / "store", suite).routing == "oracle"
-    assert target_loader(suite.base_dir, suite) is None
-    assert register() is True
+    assert store_target(suite.root / "store", suite).routing == "oracle"
+    assert store_target(suite.base_dir, suite) is None
 
 
 def test_params_ratio_counts_private_parts(suite):

@@ -190,7 +190,7 @@ def test_bad_data_fails_before_any_output(cls_zoo: ClsZoo, tmp_path: Path) -> No
     empty.write_text("")
     with pytest.raises(PolymergeError, match="no examples"):
         merge(recipe(cls_zoo, data=str(empty)), tmp_path / "out", progress=False)
-    with pytest.raises(PolymergeError, match="neither a file nor a zoo suite"):
+    with pytest.raises(PolymergeError, match="neither a file nor a known data source \\(sources: cls, gen\\)"):
         merge(recipe(cls_zoo, data="no-such-suite"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

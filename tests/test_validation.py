@@ -307,8 +307,8 @@ def test_pickle_loaded_when_allowed(make_models, outs):
 def test_existing_output_needs_force(make_models, outs):
     ms = make_models("llama", 1)
     target = outs / "merged"
-    target.mkdir()
-    (target / "keep.txt").write_text("old")
+    run(ta(ms), target)  # a polymerge output (--force replaces only those) ...
+    (target / "keep.txt").write_text("old")  # ... with a file added since
     with pytest.raises(PolymergeError, match="--force"):
         run(ta(ms), target)
     assert (target / "keep.txt").read_text() == "old"

@@ -279,12 +279,12 @@ def test_cli_path_list_and_eval(mini: ClsSuite, refs: dict, tmp_path: Path, caps
 
 def test_cli_eval_json_and_plot(mini: ClsSuite, refs: dict, tmp_path: Path, capsys,
                                 monkeypatch) -> None:
-    from polymerge.zoo import cli
+    from polymerge.cli import main, zoo_cmds
 
-    monkeypatch.setattr(cli, "_suite", lambda args, name=None: mini)
+    monkeypatch.setattr(zoo_cmds, "_suite", lambda args, name=None: mini)
     js = tmp_path / "r.json"
     png = tmp_path / "p.png"
-    assert cli.main(["eval", str(mini.expert_dir("reuters")), "--suite", "cls", "-q",
+    assert main(["eval", str(mini.expert_dir("reuters")), "--suite", "cls", "-q",
                      "--json", str(js), "--plot", str(png)]) == 0
     res = json.loads(js.read_text())
     assert res["normalized"]["reuters"] == pytest.approx(100.0)

@@ -7,13 +7,16 @@ matching filter wins and an entry without a filter is the fallback.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from polymerge.errors import RecipeError
 
@@ -22,14 +25,32 @@ NonEmptyFloats = Annotated[list[float], Field(min_length=1)]
 
 
 class FilterEntry(BaseModel):
-    """One ``{filter, value}`` entry of a parameter."""
+    """One ``{filter, value}`` entry of a parameter (its pattern is compiled once, here)."""
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
     value: Scalar | NonEmptyFloats
+    _matcher: Any = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any) -> None:
+        self._matcher = None if self.filter is None else _Filter(self.filter)
+
+    def matches(self, tensor_name: str) -> bool:
+        """True for the fallback entry, else whether the filter matches the tensor name."""
+        # The private dict directly: pydantic's attribute lookup would cost more than the match.
+        matcher = (self.__pydantic_private__ or {}).get("_matcher")
+        if matcher is None:
+            return self.filter is None or _Filter(self.filter)(tensor_name)
+        return matcher(tensor_name)
 
 
 ParamValue = Scalar | Annotated[list[FilterEntry], Field(min_length=1)] | NonEmptyFloats
+
+
+def _check_path(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or "\0" in value):
+        raise ValueError("a model path must be a non-empty path without NUL characters")
+    return value
 
 
 class ModelEntry(BaseModel):
@@ -39,6 +60,11 @@ class ModelEntry(BaseModel):
     model: str
     name: str | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str) -> str | None:
+        return _check_path(value)
 
     @property
     def display_name(self) -> str:
@@ -59,6 +85,11 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     seed: int = 0
     name: str | None = None
+
+    @field_validator("base_model", "tokenizer_source")
+    @classmethod
+    def _paths(cls, value: str | None) -> str | None:
+        return _check_path(value)
 
     @field_validator("models")
     @classmethod
@@ -87,8 +118,16 @@ class Recipe(BaseModel):
                               sort_keys=False)
 
 
+def _expand(path: str) -> Path:
+    """``~`` expanded when it can be (``~nosuchuser`` stays as it is)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def _same_path(a: str, b: str) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return _expand(a).resolve() == _expand(b).resolve()
 
 
 _UNSUPPORTED = {
@@ -98,25 +137,25 @@ _UNSUPPORTED = {
 }
 
 
-def load_recipe(source: str | Path | dict[str, Any] | Recipe) -> Recipe:
+def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     """Parse and validate a recipe from a YAML path, a dict, or pass a Recipe through.
 
-    Relative model paths in a YAML file are resolved against the file's folder.
+    Relative model paths in a YAML file are resolved against the file's folder, and only
+    there: one that is not there is an error naming the recipe line.
     """
     if isinstance(source, Recipe):
         return source
-    folder: Path | None = None
+    path: Path | None = None
+    text = ""
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise RecipeError(f"recipe {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
-        folder = path.parent
-    else:
+        path = _expand(str(source))
+        text = _read_recipe_text(path)
+        data = _parse_yaml(text, path)
+    elif isinstance(source, Mapping):
         data = dict(source)
+    else:
+        raise RecipeError(f"a recipe must be a YAML file or a mapping, not "
+                          f"{type(source).__name__}")
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with at least merge_method")
     for key, why in _UNSUPPORTED.items():
@@ -127,22 +166,95 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe) -> Recipe:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"recipe field {where or '(top)'}: {first['msg']}") from None
-    if folder is not None:
-        recipe = _resolve_paths(recipe, folder)
+        raise RecipeError(_one_line(f"recipe field {where or '(top)'}: {first['msg']}")) \
+            from None
+    except RecursionError:
+        raise RecipeError("recipe is nested too deeply") from None
+    if path is not None:
+        recipe = _resolve_paths(recipe, path, text)
     return recipe
 
 
-def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
-    def fix(p: str) -> str:
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() or not (folder / q).exists() else folder / q)
+def _one_line(message: str) -> str:
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _read_recipe_text(path: Path) -> str:
+    if not path.exists():
+        raise RecipeError(f"recipe {path} does not exist")
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder, not a YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path} ({exc.strerror or exc})") from None
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster on big files
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        why = exc.problem or exc.context or "syntax error"
+        raise RecipeError(_one_line(f"recipe {path} is not valid YAML: {why}{at}")) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(_one_line(f"recipe {path} is not valid YAML: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else exc!r}")) \
+            from None
+    except RecursionError:
+        raise RecipeError(f"recipe {path} is not valid YAML: nested too deeply") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # e.g. an impossible date
+        raise RecipeError(_one_line(f"recipe {path} is not valid YAML: {exc}")) from None
+
+
+def _line_of(text: str, keys: tuple[str | int, ...]) -> int | None:
+    """1-based line of the value at ``keys`` in the YAML ``text`` (None if not found)."""
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+        for key in keys:
+            if isinstance(key, int) and isinstance(node, yaml.SequenceNode):
+                node = node.value[key]
+            elif isinstance(node, yaml.MappingNode):
+                node = next(v for k, v in node.value if getattr(k, "value", None) == key)
+            else:
+                return None
+        return node.start_mark.line + 1
+    except Exception:  # only a nicety for the message
+        return None
+
+
+def _resolve_paths(recipe: Recipe, recipe_path: Path, text: str) -> Recipe:
+    folder = recipe_path.parent.absolute()
+
+    def fix(value: str, keys: tuple[str | int, ...], what: str) -> str:
+        q = _expand(value)
+        if q.is_absolute():
+            return str(q)
+        resolved = folder / q
+        if not os.path.lexists(resolved):
+            line = _line_of(text, keys)
+            at = f"{recipe_path}:{line}" if line else str(recipe_path)
+            raise RecipeError(_one_line(
+                f"{at}: {what} {value!r} not found beside the recipe (looked for {resolved}); "
+                "relative paths are resolved against the recipe's folder"))
+        return str(resolved)
 
     return recipe.model_copy(update={
-        "base_model": fix(recipe.base_model) if recipe.base_model else None,
-        "models": [m.model_copy(update={"model": fix(m.model)}) for m in recipe.models],
-        "tokenizer_source": (fix(recipe.tokenizer_source) if recipe.tokenizer_source
-                             not in (None, "base") else recipe.tokenizer_source),
+        "base_model": (fix(recipe.base_model, ("base_model",), "base_model")
+                       if recipe.base_model else None),
+        "models": [m.model_copy(update={"model": fix(m.model, ("models", i, "model"),
+                                                     f"model {m.display_name!r}")})
+                   for i, m in enumerate(recipe.models)],
+        "tokenizer_source": (fix(recipe.tokenizer_source, ("tokenizer_source",),
+                                 "tokenizer_source")
+                             if recipe.tokenizer_source not in (None, "base")
+                             else recipe.tokenizer_source),
     })
 
 
@@ -176,13 +288,55 @@ def _interpolate(values: list[float], position: float) -> float:
     return float(np.interp(position, grid, values))
 
 
-def _matches(pattern: str, tensor_name: str) -> bool:
-    if pattern in tensor_name:
-        return True
+_REGEX_CHARS = frozenset(".^$*+?{}[]\\|()")
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_filter(pattern: str) -> re.Pattern[str] | None:
+    """The regex of a filter, or None when it is a plain substring or not a valid regex."""
+    if _REGEX_CHARS.isdisjoint(pattern):
+        return None
     try:
-        return re.search(pattern, tensor_name) is not None
-    except re.error:
-        return False
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return None
+
+
+class _Filter:
+    """A filter: a substring of the tensor name, or else a regex searched in it (an invalid
+    regex is only a substring). Built once per entry and compiled at most once, when first
+    needed; a pattern whose only regex character is ``.`` is compiled only for names that hold
+    its longest literal piece, so thousands of such filters cost little."""
+
+    __slots__ = ("pattern", "plain", "required", "regex", "compiled")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        special = _REGEX_CHARS.intersection(pattern)
+        self.plain = not special
+        self.required = (max(pattern.split("."), key=len) if special == {"."} else None)
+        self.regex: re.Pattern[str] | None = None
+        self.compiled = False
+
+    def __call__(self, tensor_name: str) -> bool:
+        if self.pattern in tensor_name:
+            return True
+        if self.plain or (self.required is not None and self.required not in tensor_name):
+            return False
+        if not self.compiled:
+            self.regex = _compile_filter(self.pattern)
+            self.compiled = True
+        return self.regex is not None and self.regex.search(tensor_name) is not None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Filter) and other.pattern == self.pattern
+
+    def __hash__(self) -> int:
+        return hash(self.pattern)
+
+
+def _matches(pattern: str, tensor_name: str) -> bool:
+    return _Filter(pattern)(tensor_name)
 
 
 def resolve_value(value: ParamValue, tensor_name: str, position: float) -> Scalar | None:
@@ -191,7 +345,7 @@ def resolve_value(value: ParamValue, tensor_name: str, position: float) -> Scala
         if value and isinstance(value[0], FilterEntry):
             for entry in value:  # type: ignore[assignment]
                 assert isinstance(entry, FilterEntry)
-                if entry.filter is None or _matches(entry.filter, tensor_name):
+                if entry.matches(tensor_name):
                     inner = entry.value
                     return _interpolate(inner, position) if isinstance(inner, list) else inner
             return None

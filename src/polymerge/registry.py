@@ -239,7 +239,7 @@ def run(recipe: str | Path | dict[str, Any] | Recipe, out: str | Path,
     planned = method.plan(parsed, out_dir=out_path, allow_pickle=options.allow_pickle,
                           dtype=options.dtype)
     try:
-        with AtomicOutputDir(out_path, force=options.force) as tmp:
+        with AtomicOutputDir(out_path, force=options.force, kind=method.kind) as tmp:
             method.write(planned, tmp, options)
     finally:
         planned.close()

@@ -34,13 +34,14 @@ def _fmt(value: Any) -> str:
 
 def _cmd_router_train(args: argparse.Namespace) -> int:
     from polymerge.errors import PolymergeError
-    from polymerge.routing import read_jsonl, suite_texts, train_store_router
+    from polymerge.routing import read_labelled_jsonl, suite_texts
+    from polymerge.runtime import train_store_router
 
     if (args.data is None) == (args.suite is None):
         raise PolymergeError("router train: give --data FILE.jsonl or --suite NAME (one)")
     test = None
     if args.data is not None:
-        data = read_jsonl(args.data)
+        data = read_labelled_jsonl(args.data)
         source = f"data:{args.data}"
     else:
         from polymerge.zoo import get_suite
@@ -51,7 +52,7 @@ def _cmd_router_train(args: argparse.Namespace) -> int:
         test = suite_texts(suite, "test")
         source = f"suite:{args.suite}:{args.scale}:validation"
     if args.test is not None:
-        test = read_jsonl(args.test)
+        test = read_labelled_jsonl(args.test)
     result = train_store_router(args.store, data, test=test, base=args.base, device=args.device,
                                 max_length=args.max_length, seed=args.seed, hidden=args.hidden,
                                 val_fraction=args.val_fraction, max_epochs=args.epochs,
@@ -87,22 +88,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.top_k is not None:
         options["top_k"] = args.top_k
     rt = load_store(args.store, device=args.device, base=args.base, **options)
-    twin = rt.store.method == "twin"
+    mixing = rt.serving == "mix"
     texts = list(args.text)
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if rt.is_causal:
-        results = rt.generate(texts, expert=args.expert, max_new_tokens=args.max_new_tokens)
-        rows = [{"text": r.text, "expert": r.expert, "completion": r.completion}
-                for r in results]
+        res = rt.generate(texts, args.expert, max_new_tokens=args.max_new_tokens)
+        rows = [{"text": t, "expert": e, "completion": c}
+                for t, e, c in zip(texts, res.chosen, res.completions or [], strict=True)]
     else:
-        results = rt.forward(texts, expert=args.expert)
-        rows = [{"text": r.text, "expert": r.expert, "tokens": int(r.output.shape[0]),
-                 "pooled": [round(float(v), 5) for v in r.output.mean(0)[:8]]}
-                for r in results]
-    if twin:
-        for row, r in zip(rows, results, strict=True):
-            row["weights"] = r.weights
+        res = rt.forward(texts, args.expert)
+        rows = [{"text": t, "expert": e, "tokens": int(o.shape[0]),
+                 "pooled": [round(float(v), 5) for v in o.mean(0)[:8]]}
+                for t, e, o in zip(texts, res.chosen, res.outputs or [], strict=True)]
+    if mixing:
+        for i, row in enumerate(rows):
+            row["weights"] = res.routing(i)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -110,9 +111,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             body = row.get("completion")
             if body is None:
                 body = f"{row['tokens']} tokens, mean output starts {row['pooled']}"
-            label = _top_weights(row["weights"]) if twin else row["expert"]
+            label = _top_weights(row["weights"]) if mixing else row["expert"]
             print(f"[{label}] {row['text']}\n  -> {body}")
-    if twin:
+    if mixing:
         print(f"{rt.routing_passes} routing pass(es) on the shared model, {rt.mixed_passes} "
               "mixed pass(es)", file=sys.stderr)
     else:

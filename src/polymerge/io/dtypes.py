@@ -25,6 +25,8 @@ _NAMES: dict[str, torch.dtype] = {
 def parse_dtype(name: str) -> torch.dtype:
     """Turn a recipe or CLI dtype spelling into a torch dtype."""
     try:
+        if not isinstance(name, str):
+            raise KeyError(name)
         return _NAMES[name.lower().removeprefix("torch.")]
     except KeyError:
         raise RecipeError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16") \
@@ -37,4 +39,4 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize

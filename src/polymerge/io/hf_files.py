@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from polymerge.errors import CheckpointError
+from polymerge.io.checkpoint import contained_file
 from polymerge.io.dtypes import dtype_name
 
 TOKENIZER_FILES = (
@@ -30,15 +33,38 @@ def write_config(folder: Path, config: dict[str, Any] | None, dtype: torch.dtype
 
 
 def copy_support_files(folder: Path, source: Path) -> list[str]:
-    """Copy tokenizer files and generation_config.json from ``source`` (a model folder)."""
+    """Copy tokenizer files and generation_config.json from ``source`` (a model folder).
+
+    Only regular files inside ``source`` are copied: a side file that is a link leaving the
+    folder (``vocab.txt -> /etc/passwd``), a FIFO or a device is refused with a
+    :class:`CheckpointError` rather than copied as what it points to.
+    """
     if not source.is_dir():
         return []
     copied = []
     for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
-            copied.append(name)
+        if not os.path.lexists(source / name):
+            continue
+        _copy_regular(contained_file(source, name, "side file"), folder / name)
+        copied.append(name)
     return copied
+
+
+def _copy_regular(source: Path, dest: Path) -> None:
+    """Copy a file's bytes, mode and times, reading it as a regular file (never blocking on a
+    FIFO swapped in after the check)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(source, flags)
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                raise CheckpointError(f"{source}: side file is not a regular file")
+            with dest.open("wb") as out:
+                shutil.copyfileobj(src, out)
+        shutil.copystat(source, dest)
+    except OSError as exc:
+        raise CheckpointError(f"cannot copy {source} into the output "
+                              f"({exc.strerror or exc})") from None
 
 
 def tokenizer_source_dir(choice: str | None, reference: Path) -> Path:

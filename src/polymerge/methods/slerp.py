@@ -1,10 +1,10 @@
-"""SLERP between the base and one other model, row by row.
+"""SLERP between the base and one other model, over the whole tensor.
 
-As in mergekit 0.1.5, each tensor is viewed as rows ``reshape(shape[0], -1)`` (so a 1-d tensor of
-n entries is n rows of one entry, whose interpolation is linear unless the signs differ; a 0-d
-tensor is one row of one entry). Each row pair is interpolated along the great circle between
-their directions with coefficients applied to the unnormalized rows; nearly collinear rows
-(|cos| > 0.9995) fall back to linear interpolation.
+As in mergekit 0.1.5, each tensor is one vector (all its entries, whatever its shape): the two
+vectors are interpolated along the great circle between their directions, with the coefficients
+``sin((1-t) theta) / sin(theta)`` and ``sin(t theta) / sin(theta)`` applied to the unnormalized
+tensors. Nearly collinear or antipodal pairs (|cos theta| > 0.9995) fall back to linear
+interpolation, and a vector of norm <= 1e-8 is not normalized (its norm counts as 1).
 """
 
 from __future__ import annotations
@@ -18,31 +18,40 @@ from polymerge.methods.schema import REQUIRED, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
+_CHUNK = 1 << 20
+"""Entries per step of the reductions: the products stay in cache instead of a full-size
+temporary per tensor."""
+
+
+def _norm(x: torch.Tensor) -> float:
+    norm = float(torch.linalg.vector_norm(x))
+    return norm if norm > NORM_EPS else 1.0
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1), one coefficient pair per row."""
+    """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1), the whole tensor as one vector."""
     a = a.float()
     b = b.float()
-    shape = a.shape
     if a.numel() == 0:
         return (1 - t) * a + t * b
-    rows_a = a.reshape(1, 1) if a.dim() == 0 else a.reshape(shape[0], -1)
-    rows_b = b.reshape(rows_a.shape)
-    norm_a = torch.linalg.vector_norm(rows_a, dim=1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(rows_b, dim=1, keepdim=True)
-    norm_a = torch.where(norm_a > NORM_EPS, norm_a, torch.ones_like(norm_a))
-    norm_b = torch.where(norm_b > NORM_EPS, norm_b, torch.ones_like(norm_b))
-    dot = ((rows_a / norm_a) * (rows_b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    linear = dot.abs() > DOT_THRESHOLD
-    # acos(0) on the linear rows keeps sin(theta) away from 0 on the branch torch.where drops.
-    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
-    sin_theta = torch.sin(theta)
-    lin_a = torch.full_like(dot, 1 - t)
-    lin_b = torch.full_like(dot, t)
-    coef_a = torch.where(linear, lin_a, torch.sin((1 - t) * theta) / sin_theta)
-    coef_b = torch.where(linear, lin_b, torch.sin(t * theta) / sin_theta)
-    return (coef_a * rows_a + coef_b * rows_b).reshape(shape)
+    va = a.reshape(-1)
+    vb = b.reshape(-1)
+    norm_a = _norm(va)
+    norm_b = _norm(vb)
+    dot = 0.0
+    for start in range(0, va.numel(), _CHUNK):
+        xa = va[start:start + _CHUNK] / norm_a
+        xb = vb[start:start + _CHUNK] / norm_b
+        dot += float(torch.dot(xa, xb))
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > DOT_THRESHOLD:
+        coef_a, coef_b = 1.0 - t, t
+    else:
+        theta = torch.acos(torch.tensor(dot, dtype=torch.float32))
+        sin_theta = torch.sin(theta)
+        coef_a = float(torch.sin((1 - t) * theta) / sin_theta)
+        coef_b = float(torch.sin(t * theta) / sin_theta)
+    return torch.add(a * coef_a, b, alpha=coef_b)
 
 
 def slerp_merge(
@@ -69,8 +78,8 @@ SLERP = MergeMethod(
         Param("t", float, default=REQUIRED, low=0.0, high=1.0,
               help="interpolation factor: 0 gives the base, 1 the other model"),
     ),
-    description="Spherical linear interpolation, per row, from the base (t=0) to one other "
-                "model (t=1).",
+    description="Spherical linear interpolation over each whole tensor, from the base (t=0) "
+                "to one other model (t=1).",
     base_policy="required",
     min_experts=1,
     max_experts=1,

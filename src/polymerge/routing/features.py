@@ -1,12 +1,13 @@
-"""Router features: the mean-pooled last hidden state of the base model, computed once per query.
+"""Router features: the mean-pooled last hidden state of a feature model, once per query.
 
-The feature model is the base checkpoint's backbone (``AutoModel``: ``BertModel`` for an encoder,
-``LlamaModel`` for a causal LM, whose weights load from a ``...ForCausalLM`` folder), so the
-features do not depend on which expert is active.
+The feature model is given by the caller: a model folder, whose backbone is loaded
+(``AutoModel``: ``BertModel`` for an encoder, ``LlamaModel`` for a causal LM, whose weights load
+from a ``...ForCausalLM`` folder), or a module already built (a runtime's own model).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,12 @@ def load_tokenizer(path: str | Path, *, padding_side: str = "right") -> Any:
 
 
 class FeatureModel:
-    """The base model's backbone and tokenizer, turning texts into pooled feature vectors."""
+    """A backbone and tokenizer turning texts into pooled feature vectors.
+
+    ``model_path``: a model folder whose backbone is loaded, or, with ``model`` (a module the
+    caller built), only the label recorded with a router (and the default tokenizer folder).
+    Calls from several threads are safe (tokenizing is serialized).
+    """
 
     def __init__(self, model_path: str | Path, *, tokenizer_path: str | Path | None = None,
                  device: str | torch.device = "cpu", max_length: int = DEFAULT_MAX_LENGTH,
@@ -58,10 +64,8 @@ class FeatureModel:
             model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32)
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer_path or self.path)
+        self._lock = threading.Lock()
         self.hidden_size = int(getattr(self.model.config, "hidden_size", 0)) or None
-
-    def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     @torch.inference_mode()
     def from_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,8 +84,9 @@ class FeatureModel:
         out: list[torch.Tensor | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            enc = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            with self._lock:
+                enc = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
             feats = self.from_ids(enc["input_ids"], enc["attention_mask"]).cpu()
             for row, i in enumerate(chunk):
                 out[i] = feats[row]

@@ -292,8 +292,3 @@ def load_router(folder: str | Path, *, experts: Sequence[str] | None = None) -> 
     router.load_state_dict(state)
     router.info = info  # type: ignore[attr-defined]
     return router.eval()
-
-
-def router_info(folder: str | Path) -> dict[str, Any] | None:
-    f = Path(folder).expanduser() / INFO_FILE
-    return json.loads(f.read_text()) if f.is_file() else None

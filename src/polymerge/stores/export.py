@@ -33,7 +33,7 @@ def export_expert(store: Store | str | Path, expert: str, out: str | Path, *,
     out_dtype = parse_dtype(dtype) if dtype else loaded.dtype
     infos = [TensorInfo(n, e.shape, out_dtype if e.dtype.is_floating_point else e.dtype)
              for n, e in loaded.entries.items()]
-    with AtomicOutputDir(out_path, force=force) as tmp:
+    with AtomicOutputDir(out_path, force=force, kind="model") as tmp:
         write_tensors(tmp, infos, lambda tensor: loaded.tensor(tensor, i),
                       max_shard_bytes=max_shard,
                       metadata={"polymerge_store": loaded.method, "polymerge_expert": name})

@@ -124,7 +124,8 @@ def _variant_note(method: str, manifest: dict[str, Any], params: dict[str, Any])
 
 def train_suite_router(store: str | Path, suite: Any, **kwargs: Any) -> dict[str, Any]:
     """Train the store's router on the suite's validation queries; score its test queries."""
-    from polymerge.routing import suite_texts, train_store_router
+    from polymerge.routing import suite_texts
+    from polymerge.runtime import train_store_router
 
     data = suite_texts(suite, "validation")
     test = suite_texts(suite, "test")

@@ -1,0 +1,108 @@
+"""RAM and RAM+ (tensor-local): keep what one agent changed, average what several changed.
+
+Reinforced Agent Merging, as mergekit 0.1.5 implements it on each tensor, with task vectors
+``d_i = expert_i - base``: an entry counts as changed by expert ``i`` when ``|d_i| > epsilon``.
+Where exactly one expert changed it, that expert's change is kept; where several did, their
+changes are averaged; where none did, the base stays. Changes of at most ``epsilon`` are dropped.
+
+``ramplus_tl`` also rescales each expert's unique changes by ``1 + r * clamp(rho_i, 0, alpha)``,
+``rho_i`` being the number of its changed entries shared with another expert over the number of
+its unique ones (the latter floored at ``epsilon``). The paper's RAM+ measures ``rho_i`` over the
+whole model; mergekit's ``ramplus_tl`` ("tensor-local"), and this one, measure it per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polymerge.errors import RecipeError
+from polymerge.methods.schema import MergeMethod, Param
+
+
+def _ram(base: torch.Tensor, experts: Sequence[torch.Tensor], *, epsilon: float,
+         r: float | None = None, alpha: float = 0.0) -> torch.Tensor:
+    """RAM (``r is None``) or tensor-local RAM+ of one tensor."""
+    if base is None:
+        raise RecipeError("ram: needs a base model")
+    base = base.float()
+    if not experts:
+        return base.clone()
+    deltas = torch.stack([e.float() - base for e in experts])
+    changed = deltas.abs() > epsilon
+    counts = changed.sum(dim=0)
+    unique = counts == 1
+    shared = counts > 1
+    deltas.mul_(changed)
+    # Entries changed by one expert: its change; by several: their mean; by none: 0.
+    mixed = deltas.sum(dim=0).div_(counts.clamp(min=1))
+    if r is None:
+        return mixed.add_(base)
+    n = len(experts)
+    shared_counts = (changed & shared).reshape(n, -1).sum(dim=1)
+    unique_counts = (changed & unique).reshape(n, -1).sum(dim=1)
+    rho = shared_counts / unique_counts.clamp(min=epsilon)
+    boost = (rho.clamp(min=0, max=alpha) * r).reshape(-1, *([1] * base.dim()))
+    # Unique entries get lambda_i = 1 + boost_i: add boost_i * d_i where expert i is alone.
+    extra = (deltas * boost * unique).sum(dim=0)
+    return mixed.add_(extra).add_(base)
+
+
+def ram_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    epsilon: float = 1e-5,
+) -> torch.Tensor:
+    """RAM of one tensor (see the module docstring)."""
+    del generator
+    return _ram(base, experts, epsilon=float(epsilon))
+
+
+def ramplus_tl_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+) -> torch.Tensor:
+    """Tensor-local RAM+ of one tensor (see the module docstring)."""
+    del generator
+    return _ram(base, experts, epsilon=float(epsilon), r=float(r), alpha=float(alpha))
+
+
+EPSILON = Param("epsilon", float, default=1e-5, low=0.0,
+                help="a change of at most this magnitude does not count and is dropped")
+
+RAM = MergeMethod(
+    name="ram",
+    fn=ram_merge,
+    params=(EPSILON,),
+    description="Keep task-vector entries changed by one expert, average those changed by "
+                "several (Reinforced Agent Merging).",
+    base_policy="required",
+    min_experts=1,
+    reference="https://arxiv.org/abs/2601.13572",
+)
+
+RAMPLUS_TL = MergeMethod(
+    name="ramplus_tl",
+    fn=ramplus_tl_merge,
+    params=(
+        Param("r", float, default=0.1, help="strength of the boost of an expert's unique entries"),
+        Param("alpha", float, default=0.2, low=0.0,
+              help="cap of the shared/unique ratio in the boost"),
+        EPSILON,
+    ),
+    description="RAM with each expert's unique entries boosted by its shared/unique ratio, "
+                "measured per tensor (RAM+, tensor-local).",
+    base_policy="required",
+    min_experts=1,
+    reference="https://arxiv.org/abs/2601.13572",
+)
+
+METHODS = (RAM, RAMPLUS_TL)

@@ -1,0 +1,92 @@
+"""SCE: Select task-vector entries by variance, Calculate weights from energy, Erase sign conflicts.
+
+Following mergekit 0.1.5 on each tensor, with task vectors ``d_i = expert_i - base``:
+
+1. Select: with ``select_topk < 1``, only the ``k = int(select_topk * nnz)`` entries with the
+   largest variance across the experts (population variance; ``nnz`` counts entries of non-zero
+   variance) are kept in every task vector; ``select_topk <= 0`` keeps none;
+2. Calculate: expert ``i`` weighs ``mean(d_i^2) / sum_j mean(d_j^2)`` (equal weights when that sum
+   is below 1e-6);
+3. Erase: the elected sign of an entry is that of ``sum_i d_i`` (0 counts as +); an expert takes
+   part in an entry only where its sign agrees (zero entries never do), and the result is
+   ``base + sum_i w_i a_i d_i / max(sum_i w_i a_i, 1e-6)`` with ``a_i`` the agreement mask.
+
+Deterministic: no random draw, and no parameter per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polymerge.errors import RecipeError
+from polymerge.methods.schema import MergeMethod, Param
+
+WEIGHT_SUM_EPS = 1e-6
+DIVISOR_FLOOR = 1e-6
+
+
+def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask of the ``int(fraction * nnz)`` entries of largest variance across experts."""
+    if fraction >= 1:
+        return torch.ones(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
+    if fraction <= 0:
+        return torch.zeros(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * fraction)
+    mask = torch.zeros(var.numel(), dtype=torch.bool, device=deltas.device)
+    if k > 0:
+        mask[torch.topk(var.reshape(-1), k, largest=True).indices] = True
+    return mask.reshape(var.shape)
+
+
+def sce_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    select_topk: float = 1.0,
+) -> torch.Tensor:
+    """Merge one tensor by SCE (see the module docstring)."""
+    del generator
+    if base is None:
+        raise RecipeError("sce: needs a base model")
+    base = base.float()
+    if not experts:
+        return base.clone()
+    deltas = torch.stack([e.float() - base for e in experts])
+    if select_topk < 1:
+        deltas.mul_(variance_mask(deltas, float(select_topk)))
+
+    energy = torch.stack([d.square().mean() for d in deltas])
+    total = float(energy.sum())
+    weights = (torch.full_like(energy, 1.0 / len(experts)) if abs(total) < WEIGHT_SUM_EPS
+               else energy / total)
+
+    elected_positive = deltas.sum(dim=0) >= 0
+    # Expert by expert: one tensor-sized temporary at a time instead of (N, ...) ones.
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base)
+    for w, delta in zip(weights.tolist(), deltas, strict=True):
+        agree = torch.where(elected_positive, delta > 0, delta < 0)
+        mixed.add_(delta * agree, alpha=w)
+        divisor.add_(agree, alpha=w)
+    return mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).add_(base)
+
+
+SCE = MergeMethod(
+    name="sce",
+    fn=sce_merge,
+    params=(
+        Param("select_topk", float, default=1.0, low=0.0, high=1.0,
+              help="fraction of entries kept, those of largest variance across the experts"),
+    ),
+    description="Keep the highest-variance task-vector entries, weight experts by their "
+                "energy, erase sign conflicts, average.",
+    base_policy="required",
+    min_experts=1,
+    reference="https://arxiv.org/abs/2408.07990",
+)
+
+METHODS = (SCE,)
