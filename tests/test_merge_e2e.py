@@ -110,7 +110,7 @@ def test_every_method_runs_end_to_end(make_models, outs):
             params["density"] = 0.5
         if "t" in names:
             params["t"] = 0.3
-        if method.name == "linear":
+        if "weight" in names and method.param("weight").required:
             params["weight"] = 1.0
         experts = ms.experts[:1] if method.max_experts == 1 else ms.experts
         recipe = {"merge_method": method.name, "base_model": str(ms.base),

@@ -481,7 +481,7 @@ def test_linear_edge_cases() -> None:
 
 
 def ref_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra = a.reshape(1, 1) if a.dim() == 0 else a.reshape(a.shape[0], -1)
+    ra = a.reshape(1, -1)
     rb = b.reshape(ra.shape)
     out = torch.empty_like(ra)
     for r in range(ra.shape[0]):

@@ -162,14 +162,14 @@ def test_store_router_from_base_features(tmp_path, kind):
             data.add(t, e.name)
         for t in _texts(i, 20, seed=100 + i):
             test.add(t, e.name)
-    result = train_store_router(store, data, test=test, max_epochs=100, patience=15)
+    result = train_store_router(store, data, test=test, max_epochs=100, patience=15, base=base)
     assert result.metrics["val_accuracy"] > 0.95
     assert result.metrics["test_accuracy"] > 0.95
     assert (store / "router" / "router.safetensors").is_file()
-    rt = polymerge.load_store(store)
+    rt = polymerge.load_store(store, base=base)
     assert [rt.experts[i] for i in rt.route(test.texts).argmax(-1)] == test.experts
     with pytest.raises(PolymergeError, match=r"expert\(s\) \['nope'\] that are not among"):
-        train_store_router(store, LabelledTexts(["x"], ["nope"]))
+        train_store_router(store, LabelledTexts(["x"], ["nope"]), base=base)
     fm = FeatureModel(base)
     assert fm(["apple pear", "car"]).shape == (2, 32)
 
@@ -184,7 +184,8 @@ def test_cli_router_train(tmp_path, capsys):
     lines = [json.dumps({"text": t, "expert": e.name}) for i, e in enumerate(experts)
              for t in _texts(i, 30, seed=i)]
     data.write_text("\n".join(lines) + "\n")
-    assert main(["router", "train", str(store), "--data", str(data), "--epochs", "60"]) == 0
+    assert main(["router", "train", str(store), "--data", str(data), "--epochs", "60",
+                 "--base", str(base)]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy: 1.0000" in out
     assert main(["inspect", str(store)]) == 0

@@ -97,7 +97,7 @@ def test_partial_switches_equal_the_plain_torch_merge(tmp_path):
     working model holds the weights computed by plain torch from the experts' files."""
     base, experts, base_sd, expert_sd = family(tmp_path, "llama", scale=0.0, noise=0.05,
                                                seed=5)
-    out = build(store_recipe("channel", base, experts, groups=2,
+    out = build(store_recipe("channel", base, experts, groups=2, preset="paper",
                              group_method="task_arithmetic", **{"lambda": 0.5}),
                 tmp_path / "store")
     index = {name: open_store(out).groups_of(name)  # type: ignore[attr-defined]
@@ -167,11 +167,11 @@ def _router_data() -> LabelledTexts:
 def test_generate_with_the_router_equals_each_experts_generation(llama, llama_store, tmp_path):
     import shutil
 
-    _, experts, _, _ = llama
+    base, experts, _, _ = llama
     store = tmp_path / "routed"
     shutil.copytree(llama_store, store)
-    train_store_router(store, _router_data(), max_epochs=80, patience=15)
-    rt = polymerge.load_store(store)
+    train_store_router(store, _router_data(), max_epochs=80, patience=15, base=base)
+    rt = polymerge.load_store(store, base=base)
     gens = rt.generate(TEXTS, max_new_tokens=3)
     assert gens.chosen == ["expert0", "expert1", "expert2", "expert3"]
     assert len(gens.token_ids[0]) == 3 and gens.outputs is None

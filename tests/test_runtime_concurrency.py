@@ -80,8 +80,8 @@ def test_switching_runtime_under_threads(llama, tmp_path):
     store = build(store_recipe("channel", base, experts, groups=2,
                                group_method="task_arithmetic", **{"lambda": 0.5}),
                   tmp_path / "store")
-    train_store_router(store, _router_data(), max_epochs=40, patience=10)
-    rt = polymerge.load_store(store)
+    train_store_router(store, _router_data(), max_epochs=40, patience=10, base=base)
+    rt = polymerge.load_store(store, base=base)
     names = [f"expert{i}" for i in range(4)]
     requests = [("forward", _rotated(k), names[k % 4] if k < 4 else
                  [names[(k + j) % 4] for j in range(4)], {"batch_size": 2})

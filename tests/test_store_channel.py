@@ -38,7 +38,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 def store2(family: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> Path:
     base, experts = family
     out = tmp_path_factory.mktemp("stores") / "k2"
-    polymerge.merge(recipe(base, experts), out, progress=False)
+    polymerge.merge(recipe(base, experts, preset="paper"), out, progress=False)
     return out
 
 
@@ -63,7 +63,7 @@ def test_k1_equals_plain_merge(family, tmp_path, method, params):
     base, experts = family
     out = tmp_path / "k1"
     polymerge.merge(recipe(base, experts, groups=1, group_method=method, others="merged",
-                           **params), out, progress=False)
+                           preset="paper", **params), out, progress=False)
     store = open_store(out)
     b = _read(base)
     ex = [_read(e) for e in experts]
@@ -266,6 +266,35 @@ def test_parameter_accounting_by_hand(store2, family):
     assert store.nbytes() == 4 * counts["stored"] + counts["index_bytes"]
 
 
+def test_default_preset_keeps_half_at_n4(family, tmp_path):
+    """No parameters: K = half the experts, every 2-D weight channel-merged, lambda 1 with the
+    group mean; the paper's setting stays one parameter away."""
+    from polymerge.stores.channel import resolve_groups
+
+    base, experts = family
+    out = tmp_path / "defaults"
+    polymerge.merge(recipe(base, experts), out, progress=False)
+    store = open_store(out)
+    p = store.manifest["parameters"]
+    assert (p["preset"], p["groups"], p["scope"], p["lambda"], p["density"], p["normalize"]) \
+        == ("polymerge", 0.5, ".", 1.0, 0.7, True)
+    assert store.summary["rows_by_groups"].keys() == {"2"}
+    assert store.entries["model.embed_tokens.weight"].kind == "channel"
+    counts = store.parameter_counts()
+    assert 0.5 < counts["ratio"] <= 0.55
+    paper = tmp_path / "paper"
+    polymerge.merge(recipe(base, experts, preset="paper"), paper, progress=False)
+    p = open_store(paper).manifest["parameters"]
+    assert (p["groups"], p["lambda"], p["density"]) == (2, 0.5, 0.7)
+    assert open_store(paper).entries["model.embed_tokens.weight"].kind == "expert"
+    assert open_store(paper).parameter_counts()["ratio"] > 0.6
+    # K from a fraction: rounded up, at least 1
+    assert [resolve_groups(0.5, n) for n in (1, 2, 3, 4, 5, 6)] == [1, 1, 2, 2, 3, 3]
+    assert resolve_groups(0.01, 6) == 1 and resolve_groups(3, 6) == 3
+    with pytest.raises(RecipeError, match="neither a fraction"):
+        resolve_groups(2.5, 6)
+
+
 def test_half_the_ensemble_at_n4_k2(family, tmp_path):
     """Every 2-D weight channel-merged, norms kept per expert: the paper's ~53% regime."""
     base, experts = family
@@ -355,6 +384,8 @@ def test_not_a_store(tmp_path):
 @pytest.mark.parametrize("params,match", [
     ({"groups": 5}, "exceeds the number of experts"),
     ({"groups": 0}, "outside"),
+    ({"groups": 1.5}, "neither a fraction"),
+    ({"preset": "fast"}, "preset must be one of"),
     ({"group_method": "slerp"}, "not supported"),
     ({"similarity": "manhattan"}, "similarity must be one of"),
     ({"others": "drop"}, "others must be one of"),

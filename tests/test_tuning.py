@@ -1,5 +1,6 @@
-"""Learned merges end to end on tiny real models: a BERT encoder with per-task heads (the zoo's
-cls layout) and a Llama with LoRA experts, through ``polymerge merge``'s builder path."""
+"""Learned merges end to end on tiny real models: BERT sequence classifiers with per-task heads
+(the zoo's cls layout), whose learned merge is a store of the merged body plus each head, and a
+Llama with LoRA experts, through ``polymerge merge``'s builder path."""
 
 from __future__ import annotations
 
@@ -53,6 +54,23 @@ def info(out: Path) -> dict:
     return json.loads((out / "coefficients.json").read_text())
 
 
+def body(out: Path) -> dict[str, torch.Tensor]:
+    """The merged body: the store's shared tensors (experts with heads), else the checkpoint."""
+    from polymerge.stores import is_store, open_store
+
+    if not is_store(out):
+        return load_file(str(out / "model.safetensors"))
+    store = open_store(out)
+    assert store.method == "merged" and store.has_heads
+    return {n: store.tensor(n, 0) for n in store.entries}
+
+
+def expert_body(path: Path) -> dict[str, torch.Tensor]:
+    """An expert's encoder under the base's names (its ``bert.`` tensors)."""
+    return {k.removeprefix("bert."): v for k, v in load_file(str(path / "model.safetensors"))
+            .items() if k.startswith("bert.")}
+
+
 def expected_output(zoo: ClsZoo | LmZoo, coefs: dict[str, dict[str, float | None]],
                     granularity: str, experts: dict[str, dict[str, torch.Tensor]]
                     ) -> dict[str, torch.Tensor]:
@@ -74,11 +92,12 @@ def test_gradients_reach_every_coefficient_of_a_real_encoder(cls_zoo: ClsZoo) ->
     names = list(cls_zoo.experts)
     plan = plan_for(r, names)
     tv = load_task_vectors(plan, [leaf(n) for n in names], "tensor")
-    plan.close()
     layers = layer_order(tv.names, "tensor")
     coefs = Coefficients(names, layers, "tanh", 0.3, tv.present(layers, "tensor"))
     assert coefs.trainable == len(names) * len(layers)  # full fine-tunes touch every tensor
-    obj = make_objective(cls_zoo.base, list(cls_zoo.experts.items()), cls_zoo.base, None)
+    obj = make_objective(cls_zoo.base, list(cls_zoo.experts.items()), cls_zoo.base, None,
+                         plan.heads)
+    plan.close()
     from polymerge.tuning.data import read_jsonl
 
     items = obj.prepare(read_jsonl(cls_zoo.val, obj.specs, needs_labels=True))
@@ -105,10 +124,9 @@ def test_one_expert_moves_toward_one_and_the_output_is_base_plus_scaled_vector(
     group = got["levels"][0]["groups"][0]
     assert group["best_heldout_loss"] < group["initial_heldout_loss"]
     assert got["trainable_coefficients"] == 1
-    merged = load_file(str(out / "model.safetensors"))
+    merged = body(out)
     ref = expected_output(cls_zoo, got["coefficients"], "expert",
-                          {"polarity": load_file(str(cls_zoo.experts["polarity"]
-                                                     / "model.safetensors"))})
+                          {"polarity": expert_body(cls_zoo.experts["polarity"])})
     for name, tensor in ref.items():
         torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
 
@@ -119,7 +137,8 @@ def test_hierarchical_with_one_group_of_n_equals_flat_and_is_deterministic(
     tree = merge(recipe(cls_zoo, group_size=3), tmp_path / "tree", progress=False)
     assert info(flat)["coefficients"] == info(tree)["coefficients"]
     assert not info(tree)["hierarchical"]
-    assert (flat / "model.safetensors").read_bytes() == (tree / "model.safetensors").read_bytes()
+    flat_body, tree_body = body(flat), body(tree)
+    assert all(torch.equal(v, tree_body[k]) for k, v in flat_body.items())
     other = merge(recipe(cls_zoo) | {"seed": 1}, tmp_path / "seed1", progress=False)
     assert info(other)["coefficients"] != info(flat)["coefficients"]
 
@@ -147,8 +166,8 @@ def test_hierarchical_tree_bounds_resident_vectors_and_composes_coefficients(
     assert mem_tree == pytest.approx(mem_flat * 2 / 3, rel=1e-6)
     assert tree["layers"] == ["embeddings", "block.0", "block.1"]
     assert tree["trainable_coefficients"] == 2 * 3 + 2 * 3  # two groups of two experts
-    experts = {t: load_file(str(p / "model.safetensors")) for t, p in cls_zoo.experts.items()}
-    merged = load_file(str(out / "model.safetensors"))
+    experts = {t: expert_body(p) for t, p in cls_zoo.experts.items()}
+    merged = body(out)
     ref = expected_output(cls_zoo, tree["coefficients"], "block", experts)
     for name, tensor in ref.items():
         torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
@@ -172,12 +191,14 @@ def test_adamerging_through_the_cli_writes_checkpoint_coefficients_and_heatmap(
     values = [v for row in got["coefficients"].values() for v in row.values()]
     assert all(0.0 <= v <= 1.0 for v in values) and len(set(values)) > 1
     assert (out / "coefficients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json",
+    assert {"config.json", "polymerge_store.json", "pieces", "README.md", "tokenizer.json",
             "polymerge_recipe.yaml"} <= {p.name for p in out.iterdir()}
     assert "adamerging" in (out / "README.md").read_text()
-    from transformers import BertModel
+    assert main(["export", str(out), "--expert", "color", "-o", str(tmp_path / "color")]) == 0
+    from transformers import BertForSequenceClassification
 
-    BertModel.from_pretrained(out)  # an ordinary HF checkpoint
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "color")  # ordinary HF
+    assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
 
 
 def test_bad_data_fails_before_any_output(cls_zoo: ClsZoo, tmp_path: Path) -> None:
@@ -190,7 +211,8 @@ def test_bad_data_fails_before_any_output(cls_zoo: ClsZoo, tmp_path: Path) -> No
     empty.write_text("")
     with pytest.raises(PolymergeError, match="no examples"):
         merge(recipe(cls_zoo, data=str(empty)), tmp_path / "out", progress=False)
-    with pytest.raises(PolymergeError, match="neither a file nor a known data source \\(sources: cls, gen\\)"):
+    with pytest.raises(PolymergeError,
+                       match=r"neither a file nor a known data source \(sources: cls, gen\)"):
         merge(recipe(cls_zoo, data="no-such-suite"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -245,9 +267,9 @@ def test_hierarchical_on_bf16_experts_keeps_group_results_in_float32(
                 progress=False)
     got = info(out)
     assert len(got["levels"]) == 2
-    merged = load_file(str(out / "model.safetensors"))
+    merged = body(out)
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
-    f32 = {t: {k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}
+    f32 = {t: {k: v.float() for k, v in expert_body(p).items()}
            for t, p in zoo.experts.items()}
     base = {k: v.float() for k, v in load_file(str(zoo.base / "model.safetensors")).items()}
     for name, b in base.items():

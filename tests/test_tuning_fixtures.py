@@ -1,6 +1,7 @@
-"""Tiny real models for the learned-merge tests: a BERT encoder with per-task heads (the zoo's
-cls layout) and a Llama with a LoRA expert, fine-tuned for a few seconds on synthetic tasks
-whose answer is one keyword in the text. Built once per test module."""
+"""Tiny real models for the learned-merge tests: BERT experts of one encoder, each an ordinary
+``BertForSequenceClassification`` checkpoint with its own head and labels (mean-pooled, as the
+zoo's cls experts), and a Llama with a LoRA expert, fine-tuned for a few seconds on synthetic
+tasks whose answer is one keyword in the text. Built once per test module."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from polymerge.io.heads import head_config
 
 NOISE = [f"w{i}" for i in range(24)]
 TASKS: dict[str, dict[str, str]] = {
@@ -126,13 +129,16 @@ def make_cls_zoo(root: Path, tasks: tuple[str, ...] = ("polarity", "color", "siz
             loss.backward()
             opt.step()
         out = root / "experts" / task
-        enc.save_pretrained(out)
+        out.mkdir(parents=True)
+        state = {f"bert.{k2}": v.detach().contiguous() for k2, v in enc.state_dict().items()}
+        state.update({f"classifier.{k2}": v.detach().contiguous()
+                      for k2, v in head.state_dict().items()})
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        config = head_config(cfg.to_dict(), labels, classifier_pooling="mean",
+                             finetuning_task=task, architectures=[
+                                 "BertForSequenceClassification"])
+        (out / "config.json").write_text(json.dumps(config))
         save_tokenizer(out)
-        (out / "heads").mkdir()
-        save_file({k2: v.detach().contiguous() for k2, v in head.state_dict().items()},
-                  str(out / "heads" / "head.safetensors"))
-        (out / "heads" / "labels.json").write_text(json.dumps(
-            {"task": task, "labels": labels, "pooling": "mean", "max_len": 16}))
         experts[task] = out
     records = [{"text": t, "label": lab, "task": task}
                for task in tasks for t, lab in cls_examples(task, 30, seed=7)]

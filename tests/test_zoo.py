@@ -29,7 +29,7 @@ try:
 except MissingDependencyError as exc:  # pragma: no cover - depends on the install
     pytest.skip(f"zoo data packages missing: {exc}", allow_module_level=True)
 
-from polymerge.zoo.cls import ClsSuite, load_head, train_expert  # noqa: E402
+from polymerge.zoo.cls import LEGACY_HEAD, LEGACY_LABELS, ClsSuite, train_expert  # noqa: E402
 
 TASKS = ("subjectivity", "reuters", "election")
 
@@ -51,13 +51,16 @@ def refs(mini: ClsSuite) -> dict:
 
 
 def plain_scores(folder: Path, expert: Path, examples, max_len: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of encoder ``folder`` + ``expert``'s head, plain code."""
+    """(accuracy, mean cross-entropy) of encoder ``folder`` + ``expert``'s head (its
+    ``classifier.*`` on the mean-pooled tokens), plain code."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BertModel
 
     tok = AutoTokenizer.from_pretrained(folder)
     enc = BertModel.from_pretrained(folder).eval()
-    head = load_file(str(expert / "heads" / "head.safetensors"))
+    head = {k.removeprefix("classifier."): v
+            for k, v in load_file(str(expert / "model.safetensors")).items()
+            if k.startswith("classifier.")}
     texts = [e.text for e in examples]
     y = torch.tensor([e.label for e in examples])
     with torch.no_grad():
@@ -136,8 +139,9 @@ def test_finetuning_lowers_the_training_loss(mini: ClsSuite, tmp_path: Path) -> 
     assert final < losses[-1] + 0.05  # the last update helped or did not hurt much
 
 
-def test_expert_folder_matches_base_tensor_names(mini: ClsSuite) -> None:
+def test_expert_is_a_sequence_classifier_of_the_base(mini: ClsSuite) -> None:
     from safetensors import safe_open
+    from transformers import BertForSequenceClassification
 
     def keys(folder: Path) -> dict[str, tuple]:
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -147,10 +151,16 @@ def test_expert_folder_matches_base_tensor_names(mini: ClsSuite) -> None:
     base = keys(mini.base_dir)
     assert len(base) > 100
     for t in mini.tasks:
-        assert keys(mini.expert_dir(t)) == base
-        assert not list(mini.expert_dir(t).glob("model*.safetensors"))[1:]
-        head, meta = load_head(mini.expert_dir(t))
-        assert head.out_features == len(meta["labels"]) == len(mini.splits(t).labels)
+        d = mini.expert_dir(t)
+        labels = mini.splits(t).labels
+        assert keys(d) == {f"bert.{k}": v for k, v in base.items()} | {
+            "classifier.weight": (len(labels), 384), "classifier.bias": (len(labels),)}
+        assert not (d / "heads").exists()
+        model = BertForSequenceClassification.from_pretrained(d)  # an ordinary checkpoint
+        assert model.config.id2label == dict(enumerate(labels))
+        assert model.config.finetuning_task == t
+        assert model.config.classifier_pooling == "mean"
+        assert mini.head(t).labels == list(labels)
 
 
 def test_expert_beats_base_on_its_own_task(mini: ClsSuite, refs: dict) -> None:
@@ -213,6 +223,52 @@ def test_reference_rows_are_cached(mini: ClsSuite, refs: dict, monkeypatch) -> N
 
 
 # ----------------------------------------------------------------------------- cache
+
+
+def test_old_layout_is_converted_not_misread(mini: ClsSuite, refs: dict, tmp_path: Path,
+                                              capsys) -> None:
+    """A cache built before experts became checkpoints of their class (bare encoder + heads/)
+    is refused with the way out, and ``build`` converts it: same tensors, same scores."""
+    from safetensors.torch import load_file, save_file
+
+    suite = ClsSuite(tmp_path, scale="mini", tasks=("reuters",))
+    shutil.copytree(mini.root / "base", suite.base_dir)
+    shutil.copytree(mini.root / "data", suite.root / "data")
+    new = mini.expert_dir("reuters")
+    state = load_file(str(new / "model.safetensors"))
+    config = json.loads((new / "config.json").read_text())
+
+    def legacy(tmp: Path) -> dict:  # what the previous zoo wrote
+        save_file({k.removeprefix("bert."): v for k, v in state.items()
+                   if k.startswith("bert.")}, str(tmp / "model.safetensors"))
+        old = {k: v for k, v in config.items() if k not in (
+            "id2label", "label2id", "num_labels", "problem_type", "classifier_pooling",
+            "finetuning_task")} | {"architectures": ["BertModel"]}
+        (tmp / "config.json").write_text(json.dumps(old))
+        (tmp / "heads").mkdir()
+        save_file({k.removeprefix("classifier."): v for k, v in state.items()
+                   if k.startswith("classifier.")}, str(tmp / LEGACY_HEAD))
+        (tmp / LEGACY_LABELS).write_text(json.dumps(
+            {"task": "reuters", "labels": list(mini.splits("reuters").labels),
+             "pooling": "mean", "max_len": 32}))
+        for f in new.glob("tokenizer*"):
+            shutil.copy2(f, tmp / f.name)
+        return {"validation_accuracy": 0.5}
+
+    zcache.build_entry(suite.expert_dir("reuters"), suite._expert_fp("reuters", 1), legacy)
+    assert suite.status()["reuters"]["built"] is False
+    with pytest.raises(PolymergeError, match="old layout .*polymerge zoo build cls"):
+        suite.evaluate(lambda _t: suite.base_dir, progress=False)
+    report = suite.build(progress=False)
+    assert report.converted == ["reuters"] and report.built == []
+    assert "converting the cached cls expert 'reuters'" in capsys.readouterr().err
+    got = load_file(str(suite.expert_dir("reuters") / "model.safetensors"))
+    assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
+    assert zcache.read_manifest(suite.expert_dir("reuters"))["info"]["validation_accuracy"] \
+        == 0.5
+    scores = suite.evaluate(lambda _t: suite.expert_dir("reuters"), progress=False)
+    assert scores == {"reuters": refs["expert:reuters"]["reuters"]}
+    assert suite.build(progress=False).reused == ["reuters"]
 
 
 def test_broken_cache_entry_is_rebuilt_not_trusted(mini: ClsSuite, tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def merge_tensors(method: str | MergeMethod, base: TensorOrDict | None,
     generator = torch.Generator(device=dev)
     generator.manual_seed(tensor_seed(seed, name))
     result = spec.fn(
-        base.to(dev, torch.float32) if (base is not None and spec.base_policy == "required")
+        base.to(dev, torch.float32) if (base is not None and spec.base_policy != "input")
         else None,
         [t.to(dev, torch.float32) for t in experts],  # type: ignore[union-attr]
         generator=generator, **resolved)
@@ -102,14 +102,17 @@ def _resolve_params(spec: MergeMethod, n: int, params: dict[str, Any]) -> dict[s
         value = params.get(p.name, p.default)
         if p.required and p.name not in params:
             raise RecipeError(f"{spec.name}: parameter {p.name!r} is required")
+        def check(v: Any, p: Any = p) -> Any:  # an absent optional parameter stays None
+            return v if v is None and p.default is None else p.check(v, spec.name)
+
         if p.scope == "per_model":
             values = list(value) if isinstance(value, (list, tuple)) else [value] * n
             if len(values) != n:
                 raise RecipeError(f"{spec.name}: {p.name!r} has {len(values)} values for "
                                   f"{n} experts")
-            out[p.name] = [p.check(v, spec.name) for v in values]
+            out[p.name] = [check(v) for v in values]
         else:
-            out[p.name] = p.check(value, spec.name)
+            out[p.name] = check(value)
     return out
 
 

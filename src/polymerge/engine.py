@@ -54,10 +54,22 @@ class _Loaded(Generic[R]):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A usable torch device, with a clear error when CUDA is asked for but absent."""
-    dev = torch.device(device)
+    """A usable torch device, with a clear error when the name is unknown (``tpu``) or CUDA is
+    asked for but absent (or has no such index)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PolymergeError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N"
+                             ) from None
+    if dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise PolymergeError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PolymergeError("--device cuda was requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PolymergeError(f"--device {dev} was requested but there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PolymergeError("--device mps was requested but MPS is not available here")
     return dev
 
 
@@ -84,6 +96,12 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
 
 
 def _load(plan: MergePlan, job: TensorJob) -> _Loaded:
+    if job.reader is not None:  # slices, vocabulary alignment: the job says what to read
+        base, inputs = job.reader(_read)
+        if not job.merge:
+            return _Loaded(job, None, inputs[:1], inputs[0].nbytes)
+        nbytes = sum(t.nbytes for t in inputs) + (base.nbytes if base is not None else 0)
+        return _Loaded(job, base, inputs, nbytes)
     if not job.merge:
         ref = _read(plan.reference, job.name)
         return _Loaded(job, None, [ref], ref.nbytes)

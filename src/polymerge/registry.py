@@ -27,6 +27,7 @@ from polymerge.engine import resolve_device, write_folder
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.hf_files import tokenizer_source_dir, write_output_extras
 from polymerge.io.writer import AtomicOutputDir, check_output_target
+from polymerge.layout import build_layout_plan, needs_layout, write_layout_extras
 from polymerge.methods import builtin_methods
 from polymerge.methods.schema import MergeMethod, Schema
 from polymerge.plan import MergePlan, TensorJob, build_plan
@@ -37,6 +38,10 @@ KIND_LABELS: dict[str, str] = {"tensor": "static merge", "store": "expert store"
                                "learned": "learned merge"}
 ENTRY_POINT_GROUP = "polymerge.methods"
 DEFAULT_SHARD_SIZE = "5GB"
+HEADS_METHOD = "merged"
+"""The store method that writes a static or learned merge whose experts have task heads: the
+merged body once plus each expert's head (registered by :mod:`polymerge.stores.merged`, looked
+up here by name: the registry imports no store)."""
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 
 
@@ -88,6 +93,9 @@ class Method(ABC):
              dtype: str | None = None) -> MergePlan:
         """Validate the recipe and every input (headers only) against this method."""
         self.validate(recipe)
+        if needs_layout(recipe):  # slices, merged vocabularies
+            return build_layout_plan(recipe, self.schema(recipe), out_dir=out_dir,
+                                     allow_pickle=allow_pickle, dtype=dtype)
         return build_plan(recipe, self.schema(recipe), out_dir=out_dir,
                           allow_pickle=allow_pickle, dtype=dtype)
 
@@ -134,6 +142,7 @@ def write_plan_extras(plan: MergePlan, folder: Path, *, description: str,
         method=plan.schema.name, description=description, base=plan.recipe.base_model,
         inputs=[(n, str(c.path)) for n, c in zip(plan.input_names, plan.inputs, strict=True)],
         recipe_yaml=plan.recipe.to_yaml(), card_extra=card_extra)
+    write_layout_extras(plan, folder)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -184,6 +193,16 @@ def get(name: str) -> Method:
                           f"{', '.join(sorted(_REGISTRY))}") from None
 
 
+def method_for(recipe: Recipe) -> Method:
+    """The recipe's method; slices and merged vocabularies only with a static method."""
+    method = get(recipe.merge_method)
+    if method.kind != "tensor" and needs_layout(recipe):
+        raise RecipeError(f"merge_method {method.name} is an {KIND_LABELS[method.kind]}; slices "
+                          "and vocabulary merges (tokenizer:, tokenizer_source over different "
+                          "vocabularies) work with static merge methods only")
+    return method
+
+
 def get_tensor_method(name: str) -> MergeMethod:
     """The static method ``name`` (what stores merge with and ``merge_tensors`` runs)."""
     entry = get(name)
@@ -224,23 +243,41 @@ def plan(recipe: str | Path | dict[str, Any] | Recipe, out: str | Path | None = 
     out_dir = None if out is None else Path(out).expanduser().absolute()
     if out_dir is not None:
         check_output_target(out_dir, force=force)
-    return get(parsed.merge_method).plan(parsed, out_dir=out_dir, allow_pickle=allow_pickle,
+    return method_for(parsed).plan(parsed, out_dir=out_dir, allow_pickle=allow_pickle,
                                          dtype=dtype)
+
+
+def output_method(method: Method, planned: MergePlan) -> Method:
+    """What writes ``planned``: the method itself, or, when the experts have task heads and
+    the method is not a store, the :data:`HEADS_METHOD` store wrapping it (its body merged by
+    the method, stored once, plus each expert's head: a routed artifact)."""
+    if not planned.heads or method.kind == "store":
+        return method
+    wrap = getattr(_REGISTRY.get(HEADS_METHOD), "wrapping", None)
+    if wrap is None:
+        raise RecipeError(f"the experts have task heads, so {method.name} writes an expert "
+                          f"store, but the {HEADS_METHOD!r} store method is not registered "
+                          "(import polymerge.stores)")
+    return wrap(method)
 
 
 def run(recipe: str | Path | dict[str, Any] | Recipe, out: str | Path,
         options: RunOptions = RunOptions()) -> Path:
-    """Plan and run a recipe of any kind into ``out``, atomically; return the output path."""
+    """Plan and run a recipe of any kind into ``out``, atomically; return the output path.
+
+    Experts with task heads (``...ForSequenceClassification``) make every method write an
+    expert store: see :func:`output_method`."""
     out_path = Path(out).expanduser().absolute()
     check_output_target(out_path, force=options.force)
     resolve_device(options.device)
     parsed = load_recipe(recipe)
-    method = get(parsed.merge_method)
+    method = method_for(parsed)
     planned = method.plan(parsed, out_dir=out_path, allow_pickle=options.allow_pickle,
                           dtype=options.dtype)
     try:
-        with AtomicOutputDir(out_path, force=options.force, kind=method.kind) as tmp:
-            method.write(planned, tmp, options)
+        writer = output_method(method, planned)
+        with AtomicOutputDir(out_path, force=options.force, kind=writer.kind) as tmp:
+            writer.write(planned, tmp, options)
     finally:
         planned.close()
     return out_path

@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from polymerge.cli import merge_cmds, store_cmds, zoo_cmds
+from polymerge.cli import lora_cmds, merge_cmds, serve_cmds, store_cmds, zoo_cmds
 from polymerge.errors import PolymergeError
 from polymerge.version import __version__
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"polymerge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (merge_cmds, store_cmds, zoo_cmds):
+    for module in (merge_cmds, store_cmds, zoo_cmds, serve_cmds, lora_cmds):
         module.add_commands(sub)
     _debug_everywhere(sub)
     return parser

@@ -14,8 +14,20 @@ from typing import Any
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from polymerge.errors import PolymergeError
     from polymerge.stores import export_expert, open_store
 
+    if args.format == "peft":
+        from polymerge.stores.export_peft import describe, export_peft
+
+        if args.expert is not None:
+            raise PolymergeError("export --format peft writes every expert (as adapters); "
+                                 "drop --expert")
+        print(describe(export_peft(args.store, args.output, mode=args.peft_mode,
+                                   force=args.force, dtype=args.dtype)))
+        return 0
+    if args.expert is None:
+        raise PolymergeError("export: give --expert NAME (or 'all'), or --format peft")
     store = open_store(args.store)
     names = store.experts if args.expert == "all" else [args.expert]
     for name in names:
@@ -56,7 +68,8 @@ def _cmd_router_train(args: argparse.Namespace) -> int:
     result = train_store_router(args.store, data, test=test, base=args.base, device=args.device,
                                 max_length=args.max_length, seed=args.seed, hidden=args.hidden,
                                 val_fraction=args.val_fraction, max_epochs=args.epochs,
-                                patience=args.patience, source=source)
+                                patience=args.patience, source=source,
+                                allow_pickle=args.allow_pickle)
     m = result.metrics
     if args.json:
         print(json.dumps(m, indent=2, default=float))
@@ -80,6 +93,7 @@ def _top_weights(weights: dict[str, float], n: int = 4) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from polymerge.errors import PolymergeError
     from polymerge.runtime import load_store
 
     options: dict[str, Any] = {}
@@ -87,15 +101,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         options["temperature"] = args.temperature
     if args.top_k is not None:
         options["top_k"] = args.top_k
-    rt = load_store(args.store, device=args.device, base=args.base, **options)
-    mixing = rt.serving == "mix"
     texts = list(args.text)
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise PolymergeError("run: no texts on stdin (one per line)")
+    rt = load_store(args.store, device=args.device, base=args.base,
+                    allow_pickle=args.allow_pickle, **options)
+    mixing = rt.serving == "mix"
     if rt.is_causal:
         res = rt.generate(texts, args.expert, max_new_tokens=args.max_new_tokens)
         rows = [{"text": t, "expert": e, "completion": c}
                 for t, e, c in zip(texts, res.chosen, res.completions or [], strict=True)]
+    elif rt.classifies:  # task heads: the routed expert's label and score
+        res = rt.forward(texts, args.expert)
+        rows = [{"text": t, **{k: v for k, v in res.answer(i).items() if k != "routing"}}
+                for i, t in enumerate(texts)]
     else:
         res = rt.forward(texts, args.expert)
         rows = [{"text": t, "expert": e, "tokens": int(o.shape[0]),
@@ -109,7 +130,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             body = row.get("completion")
-            if body is None:
+            if "label" in row:
+                body = f"{row['label']} (score {row['score']:.3f})" + "".join(
+                    f"; {e}: {a['label']} ({a['score']:.3f})"
+                    for e, a in row.get("experts", {}).items() if e != row["expert"])
+            elif body is None:
                 body = f"{row['tokens']} tokens, mean output starts {row['pooled']}"
             label = _top_weights(row["weights"]) if mixing else row["expert"]
             print(f"[{label}] {row['text']}\n  -> {body}")
@@ -129,8 +154,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "it as an ordinary HF model folder (config and tokenizer "
                                    "included).")
     p.add_argument("store", help="expert store folder")
-    p.add_argument("--expert", required=True, help="expert name (or 'all': one folder each "
-                                                   "under OUTPUT)")
+    p.add_argument("--expert", help="expert name (or 'all': one folder each under OUTPUT)")
+    p.add_argument("--format", choices=["hf", "peft"], default="hf",
+                   help="hf: the expert as a checkpoint (default); peft: a twin store as its "
+                        "shared model (OUTPUT/base) plus one LoRA adapter per expert "
+                        "(OUTPUT/adapters/NAME), for peft and multi-LoRA engines")
+    p.add_argument("--peft-mode", choices=["exact", "lora"], default="exact",
+                   help="with --format peft: exact (per-expert norms and biases in the "
+                        "adapters: lora_bias, modules_to_save) or lora (lora_A/lora_B only; "
+                        "per-expert tensors approximated by the shared ones, with a warning)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--dtype", help="output dtype (default: the store's)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
@@ -152,8 +184,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "its test splits are scored")
     t.add_argument("--cache", help="zoo cache folder (with --suite)")
     t.add_argument("--scale", default="full", help="zoo scale (with --suite; default full)")
-    t.add_argument("--base", help="base model folder for features (default: the store's; not "
-                                  "for twin stores)")
+    t.add_argument("--base", help="base model folder for features (needed by stores served by "
+                                  "switching, such as channel stores: a store refers only to "
+                                  "files inside itself; not for twin stores)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--max-length", type=int, default=256, help="tokens per query (default 256)")
     t.add_argument("--hidden", type=int, default=256, help="router hidden size (default 256)")
@@ -162,7 +195,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=300, help="maximum epochs (default 300)")
     t.add_argument("--patience", type=int, default=25,
                    help="epochs without held-out improvement before stopping (default 25)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickled base model (--base) with torch.load(weights_only=True)")
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
     t.set_defaults(func=_cmd_router_train)
 
@@ -175,13 +210,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="expert store folder")
     p.add_argument("text", nargs="+", help="input texts ('-' reads one per line from stdin)")
     p.add_argument("--expert", help="use this expert for every text (no routing)")
-    p.add_argument("--base", help="base model folder for router features (default: the "
-                                  "store's)")
+    p.add_argument("--base", help="base model folder for router features (needed to route "
+                                  "with a switching store's router: a store refers only to "
+                                  "files inside itself)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens generated per text by causal LMs (default 32)")
     p.add_argument("--temperature", type=float,
                    help="twin stores: softmax temperature of the router's weights (default 1)")
     p.add_argument("--top-k", type=int,
                    help="twin stores: mix only the k experts with the largest weights")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickled base model (--base) with torch.load(weights_only=True)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=_cmd_run)

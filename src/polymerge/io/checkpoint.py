@@ -424,6 +424,20 @@ def is_lora_adapter(path: Path) -> bool:
     return path.is_dir() and os.path.lexists(path / "adapter_config.json")
 
 
+def split_model_ref(value: str | Path) -> tuple[str, str | None]:
+    """mergekit's ``path/to/model+path/to/adapter`` (a model with a LoRA adapter applied):
+    ``(model, adapter)``; ``(value, None)`` for a plain path. A path that exists as written is
+    always a plain path, even with a ``+`` in it."""
+    text = str(value)
+    if "+" not in text or os.path.lexists(Path(text).expanduser()):
+        return text, None
+    parts = text.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise CheckpointError(f"{_short(text)} is neither an existing path nor "
+                              "model+adapter (one '+' between two paths)")
+    return parts[0], parts[1]
+
+
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False, label: str | None = None,
                     base: Checkpoint | None = None) -> Checkpoint:
     """Open a checkpoint for streaming reads; refuse pickles unless ``allow_pickle``.
@@ -432,12 +446,39 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False, label: str 
     Inside a folder, only regular files that stay inside it are read (see
     :func:`contained_file`).
     """
+    model, adapter = split_model_ref(path)
+    if adapter is not None:
+        return _open_with_adapter(model, adapter, allow_pickle=allow_pickle,
+                                  label=label or Path(adapter).name)
     path = Path(path).expanduser()
     label = label or path.name
     try:
         return _open(path, allow_pickle=allow_pickle, label=label, base=base)
     except OSError as exc:
         raise CheckpointError(f"{label}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _open_with_adapter(model: str, adapter: str, *, allow_pickle: bool, label: str
+                       ) -> Checkpoint:
+    """``model+adapter``: the model with the adapter applied on read. Its ``path`` is the
+    model's folder (its config, tokenizer and generation config are the combination's, as in
+    mergekit); ``adapter_path`` is the adapter's."""
+    from polymerge.io.lora import LoraCheckpoint
+
+    adapter_path = Path(adapter).expanduser()
+    if not is_lora_adapter(adapter_path):
+        raise CheckpointError(f"{label}: {_short(adapter)} (after the '+') is not a LoRA "
+                              "adapter folder (no adapter_config.json)")
+    inner = open_checkpoint(model, allow_pickle=allow_pickle, label=f"{label} (model)")
+    try:
+        combined = LoraCheckpoint(adapter_path, inner, label=label)
+    except BaseException:
+        inner.close()
+        raise
+    combined.adapter_path = adapter_path
+    combined.path = Path(model).expanduser()
+    combined.owns_base = True
+    return combined
 
 
 def _open(path: Path, *, allow_pickle: bool, label: str, base: Checkpoint | None) -> Checkpoint:

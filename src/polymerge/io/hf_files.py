@@ -68,8 +68,9 @@ def _copy_regular(source: Path, dest: Path) -> None:
 
 
 def tokenizer_source_dir(choice: str | None, reference: Path) -> Path:
-    """``base`` (default) means the reference model's folder; anything else is a model path."""
-    if choice in (None, "base"):
+    """``base`` (default) means the reference model's folder (also for ``union``, whose merged
+    tokenizer replaces the copied files); anything else is a model path."""
+    if choice in (None, "base", "union"):
         return reference if reference.is_dir() else reference.parent
     path = Path(choice).expanduser()
     if not path.is_dir():

@@ -50,6 +50,8 @@ def read_records(path: str | Path) -> Iterator[Record]:
             raw = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{where}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
         yield parse_record(raw, where)
         seen = True
     if not seen:

@@ -248,3 +248,5 @@ class LoraCheckpoint:
 
     def close(self) -> None:
         self._reader.close()
+        if getattr(self, "owns_base", False):  # ``model+adapter``: the model is its own
+            self.base.close()

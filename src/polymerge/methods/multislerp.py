@@ -99,7 +99,7 @@ MULTISLERP = MergeMethod(
     ),
     description="Weighted barycentre of any number of models (or task vectors around an "
                 "optional base) on the hypersphere, via the tangent space at their mean.",
-    base_policy="optional",  # type: ignore[arg-type]
+    base_policy="optional",
     min_experts=1,
     check_params=check_multislerp_params,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",

@@ -100,7 +100,7 @@ NUSLERP = MergeMethod(
     ),
     description="Spherical interpolation of two models (or of their task vectors around an "
                 "optional base) by their relative weights.",
-    base_policy="optional",  # type: ignore[arg-type]
+    base_policy="optional",
     min_experts=2,
     max_experts=2,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",

@@ -23,10 +23,12 @@ REQUIRED: Any = object()
 """Sentinel default: the parameter has no default and must be given in the recipe."""
 
 Scope = Literal["shared", "per_model"]
-BasePolicy = Literal["required", "input"]
+BasePolicy = Literal["required", "input", "optional"]
 """``required``: base is passed separately and experts are the other models.
 ``input``: the method ignores the base as such; every listed model (base included, if listed)
-is an input (linear)."""
+is an input (linear).
+``optional``: like ``required`` when the recipe names a base_model, else like ``input`` with
+``base=None`` (nuslerp, multislerp)."""
 
 MethodFn = Callable[..., torch.Tensor]
 

@@ -2,7 +2,9 @@
 
 The feature model is given by the caller: a model folder, whose backbone is loaded
 (``AutoModel``: ``BertModel`` for an encoder, ``LlamaModel`` for a causal LM, whose weights load
-from a ``...ForCausalLM`` folder), or a module already built (a runtime's own model).
+from a ``...ForCausalLM`` folder), or a module already built (a runtime's own model). A folder is
+loaded under polymerge's rules (:mod:`polymerge.io.pretrained`): files inside it only, and
+pickled weights only with ``allow_pickle``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ from typing import Any
 
 import torch
 
+from polymerge.engine import resolve_device
 from polymerge.errors import CheckpointError, PolymergeError
+from polymerge.io.checkpoint import first_line
+from polymerge.io.pretrained import check_folder_files, load_pretrained
 
 DEFAULT_MAX_LENGTH = 256
+
+
+def check_max_length(value: object) -> int:
+    """A token limit per text: an integer of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PolymergeError(f"max length must be a whole number of tokens >= 1, got {value!r}")
+    return value
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -26,13 +38,16 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def load_tokenizer(path: str | Path, *, padding_side: str = "right") -> Any:
-    """The tokenizer saved in a model or store folder, with a pad token guaranteed."""
+    """The tokenizer saved in a model or store folder, with a pad token guaranteed.
+
+    Its files must be regular files inside the folder (a link out of it is refused)."""
+    folder = check_folder_files(path, "tokenizer folder")
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: no usable tokenizer ({exc})") from None
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # the tokenizers library raises a bare Exception on bad files
+        raise CheckpointError(f"{path}: no usable tokenizer ({first_line(exc)})") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise CheckpointError(f"{path}: the tokenizer has neither a pad nor an eos token")
@@ -44,24 +59,26 @@ def load_tokenizer(path: str | Path, *, padding_side: str = "right") -> Any:
 class FeatureModel:
     """A backbone and tokenizer turning texts into pooled feature vectors.
 
-    ``model_path``: a model folder whose backbone is loaded, or, with ``model`` (a module the
-    caller built), only the label recorded with a router (and the default tokenizer folder).
-    Calls from several threads are safe (tokenizing is serialized).
+    ``model_path``: a model folder whose backbone is loaded (pickled weights only with
+    ``allow_pickle``), or, with ``model`` (a module the caller built), only the label recorded
+    with a router (and the default tokenizer folder). Calls from several threads are safe
+    (tokenizing is serialized).
     """
 
     def __init__(self, model_path: str | Path, *, tokenizer_path: str | Path | None = None,
                  device: str | torch.device = "cpu", max_length: int = DEFAULT_MAX_LENGTH,
-                 model: torch.nn.Module | None = None) -> None:
+                 model: torch.nn.Module | None = None, allow_pickle: bool = False) -> None:
         self.path = Path(model_path).expanduser()
-        self.device = torch.device(device)
-        self.max_length = max_length
+        self.device = resolve_device(device)
+        self.max_length = check_max_length(max_length)
         if model is None:
             if not (self.path / "config.json").is_file():
                 raise PolymergeError(f"router feature model {self.path} is not a model folder; "
                                      "pass the base model's path (--base)")
             from transformers import AutoModel
 
-            model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32)
+            model = load_pretrained(AutoModel, self.path, allow_pickle=allow_pickle,
+                                    what="router feature model", dtype=torch.float32)
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer_path or self.path)
         self._lock = threading.Lock()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polymerge.errors import CheckpointError, PolymergeError
+from polymerge.io.checkpoint import contained_file, read_json_file, read_safetensors_header
 
 ROUTER_FORMAT_VERSION = 1
 WEIGHTS_FILE = "router.safetensors"
@@ -126,6 +128,24 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int
     return sorted(train), sorted(held)
 
 
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_train_settings(*, hidden: Any = 256, val_fraction: Any = 0.2, max_epochs: Any = 300,
+                         patience: Any = 25, batch_size: Any = 64) -> None:
+    """Router training settings, checked before any work: one line naming the bad one."""
+    for name, value in (("hidden", hidden), ("max_epochs", max_epochs),
+                        ("patience", patience), ("batch_size", batch_size)):
+        if not _whole(value, 1):
+            raise PolymergeError(f"router training: {name} must be a whole number >= 1, got "
+                                 f"{value!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0 <= val_fraction < 1:
+        raise PolymergeError(f"router training: val_fraction must be a number in [0, 1), got "
+                             f"{val_fraction!r}")
+
+
 def train_router(features: torch.Tensor, labels: Sequence[str], experts: Sequence[str], *,
                  hidden: int = 256, dropout: float = 0.1, val_fraction: float = 0.2,
                  max_epochs: int = 300, patience: int = 25, lr: float = 1e-3,
@@ -137,6 +157,8 @@ def train_router(features: torch.Tensor, labels: Sequence[str], experts: Sequenc
     the weights of the best held-out epoch (the last epoch when nothing is held out). Runs on
     one CPU thread: the MLP is tiny, and intra-op threads only add contention.
     """
+    check_train_settings(hidden=hidden, val_fraction=val_fraction, max_epochs=max_epochs,
+                         patience=patience, batch_size=batch_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -248,10 +270,18 @@ def per_expert_accuracy(router: Router, features: torch.Tensor, labels: Sequence
 
 
 def save_router(folder: str | Path, router: Router, info: dict[str, Any]) -> Path:
-    """Write the router into ``folder`` (replaced atomically if it exists)."""
+    """Write the router into ``folder`` (replaced atomically if it exists). An existing
+    ``folder`` must be a real folder (not a link, not a file): only it is replaced."""
     target = Path(folder).expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
+        raise CheckpointError(f"{target} exists and is not a folder polymerge wrote (a link or "
+                              "a file); remove it to save the router there")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise PolymergeError(f"cannot write the router into {target.parent} "
+                             f"({exc.strerror or exc})") from None
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()},
                   str(tmp / WEIGHTS_FILE))
@@ -260,35 +290,77 @@ def save_router(folder: str | Path, router: Router, info: dict[str, Any]) -> Pat
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
         (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / target.name)
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise PolymergeError(f"cannot write the router into {target} "
+                                 f"({exc.strerror or exc})") from None
         raise
     return target
 
 
-def load_router(folder: str | Path, *, experts: Sequence[str] | None = None) -> Router:
-    """Load a saved router; with ``experts``, check it routes to exactly those, in order."""
+def read_router_info(folder: str | Path) -> dict[str, Any]:
+    """A router's ``router.json``, checked: a regular file inside the folder holding a JSON
+    object whose fields have the types polymerge writes (its ``feature`` record is data only:
+    the model path in it is never opened)."""
     path = Path(folder).expanduser()
-    try:
-        info = json.loads((path / INFO_FILE).read_text())
-        state = load_file(str(path / WEIGHTS_FILE))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: no readable router ({exc})") from None
+    info = read_json_file(contained_file(path, INFO_FILE, "router record"), "router record")
+    where = path / INFO_FILE
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
     version = info.get("format_version", 0)
+    if not _whole(version, 0):
+        raise CheckpointError(f"{where}: format_version {version!r} is not a whole number")
     if version > ROUTER_FORMAT_VERSION:
         raise CheckpointError(f"{path}: router format version {version} is newer than this "
                               f"polymerge reads ({ROUTER_FORMAT_VERSION}); upgrade polymerge")
+    names = info.get("experts")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: 'experts' is not a list of names")
+    for key in ("in_features", "hidden"):
+        if not _whole(info.get(key), 1):
+            raise CheckpointError(f"{where}: {key!r} is not a whole number >= 1")
+    for key in ("feature", "training", "metrics"):
+        if not isinstance(info.get(key, {}), dict):
+            raise CheckpointError(f"{where}: {key!r} is not a JSON object")
+    length = info.get("feature", {}).get("max_length")
+    if length is not None and not _whole(length, 1):
+        raise CheckpointError(f"{where}: feature max_length {length!r} is not a whole "
+                              "number >= 1")
+    return info
+
+
+def load_router(folder: str | Path, *, experts: Sequence[str] | None = None) -> Router:
+    """Load a saved router; with ``experts``, check it routes to exactly those, in order.
+    Every file is checked first (:func:`read_router_info`; weights of the recorded shapes)."""
+    path = Path(folder).expanduser()
+    info = read_router_info(path)
     if experts is not None and list(experts) != list(info["experts"]):
         raise CheckpointError(f"{path}: the router routes to {info['experts']}, the store has "
                               f"{list(experts)}; retrain it with `polymerge router train`")
-    router = Router(int(info["in_features"]), info["experts"], hidden=int(info["hidden"]))
-    router.load_state_dict(state)
+    weights = contained_file(path, WEIGHTS_FILE, "router weights")
+    with torch.device("meta"):
+        expected = Router(info["in_features"], info["experts"],
+                          hidden=info["hidden"]).state_dict()
+    have = read_safetensors_header(weights)
+    for name, t in expected.items():
+        got = have.get(name)
+        if got is None or tuple(got.shape) != tuple(t.shape) or not got.dtype.is_floating_point:
+            raise CheckpointError(f"{weights}: tensor {name!r} is missing or not of shape "
+                                  f"{list(t.shape)}; the router was altered")
+    if set(have) != set(expected):
+        raise CheckpointError(f"{weights}: unexpected tensor(s) "
+                              f"{sorted(set(have) - set(expected))[:3]}")
+    state = load_file(str(weights))
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise CheckpointError(f"{weights}: the router's weights hold NaN or Inf")
+    router = Router(info["in_features"], info["experts"], hidden=info["hidden"])
+    router.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     router.info = info  # type: ignore[attr-defined]
     return router.eval()

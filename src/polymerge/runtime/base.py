@@ -49,6 +49,12 @@ class RunOutput:
     dim), float32 on the CPU. ``generate`` fills ``completions`` (decoded, special tokens
     skipped) and ``token_ids`` (the new tokens per row, as generated). ``inputs``: the texts,
     when the call was given texts.
+
+    Experts with task heads (classifiers): ``outputs`` holds each row's routed expert's head
+    logits, ``(num_labels,)``; ``labels`` and ``scores`` its top label name and score (as
+    transformers' text-classification pipeline reports them); ``expert_answers``, for rows
+    that mix several experts (soft weights), every such expert's own answer on its own label
+    space. :attr:`answers` gives ``{"expert", "label", "score", "routing"}`` per row.
     """
 
     experts: list[str]
@@ -57,6 +63,9 @@ class RunOutput:
     outputs: list[torch.Tensor] | None = None
     completions: list[str] | None = None
     token_ids: list[torch.Tensor] | None = None
+    labels: list[str | None] | None = None
+    scores: list[float | None] | None = None
+    expert_answers: list[dict[str, dict[str, Any]]] | None = None
 
     def __len__(self) -> int:
         return int(self.weights.shape[0])
@@ -74,6 +83,21 @@ class RunOutput:
     @property
     def routings(self) -> list[dict[str, float]]:
         return [self.routing(i) for i in range(len(self))]
+
+    def answer(self, row: int) -> dict[str, Any]:
+        """Row ``row``'s classification: ``{"expert", "label", "score", "routing"}`` (plus
+        ``"experts"``: each mixed expert's own answer, with soft weights)."""
+        if self.labels is None or self.scores is None:
+            raise PolymergeError("this output has no labels: the experts have no task heads")
+        out: dict[str, Any] = {"expert": self.chosen[row], "label": self.labels[row],
+                               "score": self.scores[row], "routing": self.routing(row)}
+        if self.expert_answers is not None and len(self.expert_answers[row]) > 1:
+            out["experts"] = self.expert_answers[row]
+        return out
+
+    @property
+    def answers(self) -> list[dict[str, Any]]:
+        return [self.answer(i) for i in range(len(self))]
 
 
 def check_soft_routing(temperature: float, top_k: int | None, experts: int) -> None:
@@ -182,6 +206,21 @@ class Runtime(ABC):
     @abstractmethod
     def memory(self) -> dict[str, int]:
         """Bytes held: ``store``, ``working_model``, ``feature_model`` and ``total``."""
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the experts have task heads (answers are labels, see :meth:`classify`)."""
+        return False
+
+    def classify(self, texts: str | Sequence[str], routing: Routing = None,
+                 **kwargs: Any) -> list[dict[str, Any]]:
+        """Per text ``{"expert", "label", "score", "routing"}``: the routed expert's head's
+        top label (and, with soft weights, ``"experts"``: each mixed expert's own answer)."""
+        if not self.classifies:
+            raise PolymergeError("classify() needs experts with task heads "
+                                 "(...ForSequenceClassification); use forward() or generate()")
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        return self.forward(batch, routing, **kwargs).answers
 
     def __call__(self, texts: str | Sequence[str], routing: Routing = None,
                  **kwargs: Any) -> RunOutput:

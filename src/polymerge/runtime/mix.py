@@ -62,7 +62,8 @@ def build_shared_model(store: Store, *, device: str | torch.device | None = None
                        ) -> nn.Module:
     """A plain model from the store's config with the shared model's weights loaded."""
     _check_mix(store)
-    model = empty_model(store.path, store.dtype, device if device is not None else store.device)
+    model = empty_model(store.path, store.dtype, device if device is not None else store.device,
+                        backbone=store.has_heads)
     with torch.no_grad():
         for name, target in store.targets(model).items():
             target.copy_(store.shared_tensor(name))  # type: ignore[attr-defined]

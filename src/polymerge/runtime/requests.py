@@ -18,9 +18,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from polymerge.errors import PolymergeError
+from polymerge.engine import resolve_device
+from polymerge.errors import CheckpointError, PolymergeError
+from polymerge.io.checkpoint import first_line, read_model_config
+from polymerge.io.pretrained import contained_dir, load_config, load_pretrained
 from polymerge.routing import Router, load_router, load_tokenizer
+from polymerge.routing.features import check_max_length
 from polymerge.runtime.base import Routing, RunOutput, Runtime, routing_weights
+from polymerge.runtime.heads import Heads, is_task_checkpoint
 
 # ----------------------------------------------------------------------------- models
 
@@ -36,24 +41,46 @@ def model_class(config: Any) -> Any:
     return transformers.AutoModel
 
 
-def empty_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device
-                ) -> torch.nn.Module:
+def empty_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device, *,
+                backbone: bool = False) -> torch.nn.Module:
     """A model of the folder's config (its architecture), in ``dtype``, in eval mode, weights
-    unset (to be written); the global random state is left as it was."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(folder))
-    with torch.random.fork_rng(devices=[]):
-        model = model_class(cfg)(cfg).to(dtype)
+    unset (to be written); the global random state is left as it was. The config must be a
+    regular file inside the folder; one transformers cannot build is a one-line error.
+    ``backbone``: only its backbone (``model.base_model``: what task heads run on)."""
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{folder}: a model cannot run in {dtype} (not a float dtype)")
+    cfg = load_config(folder)
+    cls = model_class(cfg)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = cls(cfg).to(dtype)
+    except Exception as exc:  # a config transformers parses but cannot build a model of
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: cannot build a "
+                              f"{cls.__name__} from it ({first_line(exc)})") from None
+    if backbone:
+        model = model.base_model
     return model.to(device).eval()
+
+
+def load_model(folder: str | Path, *, device: str | torch.device, allow_pickle: bool = False
+               ) -> torch.nn.Module:
+    """The folder's model with its weights (class by its config), in eval mode on ``device``;
+    pickled weights only with ``allow_pickle`` (see :mod:`polymerge.io.pretrained`)."""
+    cls = model_class(load_config(folder))
+    return load_pretrained(cls, folder, allow_pickle=allow_pickle).to(device).eval()
 
 
 def generates(folder: str | Path) -> bool:
     """Whether the folder's architecture generates text (a causal LM head)."""
-    from transformers import AutoConfig
-
-    cls = model_class(AutoConfig.from_pretrained(str(folder)))
+    cls = model_class(load_config(folder))
     return bool(getattr(cls, "can_generate", lambda: False)())
+
+
+def check_new_tokens(value: object) -> int:
+    """A number of tokens to generate: an integer of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PolymergeError(f"max_new_tokens must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def primary(res: Any) -> torch.Tensor:
@@ -179,8 +206,8 @@ class RequestRuntime(Runtime):
     def __init__(self, folder: Path, *, device: str | torch.device, max_length: int,
                  label: str, router_dir: Path | None = None) -> None:
         self.folder = folder
-        self.device = torch.device(device)
-        self.max_length = max_length
+        self.device = resolve_device(device)
+        self.max_length = check_max_length(max_length)
         self.label = label
         self.tokenizers = Tokenizers(folder, max_length)
         self._init = threading.RLock()
@@ -188,13 +215,48 @@ class RequestRuntime(Runtime):
         self._router_dir = router_dir
         self._router: Router | None = None
         self._router_loaded = False
+        self._heads: Heads | None = None
+        self._heads_loaded = False
 
     @property
     def is_causal(self) -> bool:
         with self._init:
             if self._causal is None:
-                self._causal = generates(self.folder)
+                self._causal = not self.classifies and generates(self.folder)
             return self._causal
+
+    # -- task heads (see :mod:`polymerge.runtime.heads`)
+    @property
+    def classifies(self) -> bool:
+        """Whether the experts have task heads: the working model is then the backbone, and
+        answers carry each row's routed head's label and score."""
+        store = getattr(self, "store", None)
+        if store is not None:
+            return bool(store.has_heads)
+        return is_task_checkpoint(read_model_config(self.folder))
+
+    @property
+    def heads(self) -> Heads | None:
+        """The experts' task heads (built on first use), or None."""
+        with self._init:
+            if not self._heads_loaded:
+                store = getattr(self, "store", None)
+                if store is not None and store.has_heads:
+                    self._heads = Heads.from_store(store, self.device)
+                elif store is None and self.classifies:
+                    self.model  # noqa: B018  (loading a task checkpoint splits off its head)
+                self._heads_loaded = True
+            return self._heads
+
+    def _take_heads(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A loaded plain checkpoint's model: a task class gives its backbone, its head kept
+        as this runtime's one head."""
+        config = model.config.to_dict()  # type: ignore[operator]
+        if not is_task_checkpoint(config):
+            return model
+        backbone, self._heads = Heads.split_model(model, config, self.experts[0])
+        self._heads_loaded = True
+        return backbone
 
     @property
     def router(self) -> Router | None:
@@ -202,6 +264,8 @@ class RequestRuntime(Runtime):
         with self._init:
             if not self._router_loaded:
                 if self._router_dir is not None and self._router_dir.is_dir():
+                    # the router is the folder's own: not a link out of it
+                    contained_dir(self.folder, self._router_dir.name, str(self.label))
                     self._router = load_router(self._router_dir, experts=self.experts)
                 self._router_loaded = True
             return self._router
@@ -277,21 +341,43 @@ class RequestRuntime(Runtime):
                 mask = batch["attention_mask"] = torch.ones_like(ids)
             w = self.weights(routing, ids.shape[0], ids=(ids, mask), top_k=top_k,
                              temperature=temperature)
-            main = primary(self._run(self._on_device({**batch, **model_kwargs}), w, **options))
+            on_device = self._on_device({**batch, **model_kwargs})
+            res = self._run(on_device, w, **options)
+            if self.heads is not None:
+                ans = self.heads.answer(res, on_device, w, self.experts)
+                return RunOutput(list(self.experts), w, None, ans.logits, labels=ans.labels,
+                                 scores=ans.scores, expert_answers=ans.per_expert)
+            main = primary(res)
             outputs = [main[row][mask[row].to(main.device).bool()].float().cpu()
                        for row in range(ids.shape[0])]
             return RunOutput(list(self.experts), w, None, outputs)
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         w = self.weights(routing, len(texts), texts=texts, top_k=top_k, temperature=temperature)
         out: list[torch.Tensor | None] = [None] * len(texts)
+        heads = self.heads
+        labels: list[str | None] = [None] * len(texts)
+        scores: list[float | None] = [None] * len(texts)
+        per: list[dict[str, dict[str, Any]]] = [{} for _ in texts]
         for chunk in self._batches(w, batch_size):
             enc = self.tokenizers.encode([texts[i] for i in chunk])
-            main = primary(self._run(self._on_device({**enc, **model_kwargs}), w[chunk],
-                                     **options))
+            on_device = self._on_device({**enc, **model_kwargs})
+            res = self._run(on_device, w[chunk], **options)
+            if heads is not None:
+                ans = heads.answer(res, on_device, w[chunk], self.experts)
+                for row, i in enumerate(chunk):
+                    out[i], labels[i], scores[i] = ans.logits[row], ans.labels[row], \
+                        ans.scores[row]
+                    per[i] = ans.per_expert[row]
+                continue
+            main = primary(res)
             for row, i in enumerate(chunk):
                 n_tok = int(enc["attention_mask"][row].sum())
                 out[i] = main[row, :n_tok].float().cpu()
-        return RunOutput(list(self.experts), w, texts, [o for o in out if o is not None])
+        outputs = [o for o in out if o is not None]
+        if heads is not None:
+            return RunOutput(list(self.experts), w, texts, outputs, labels=labels,
+                             scores=scores, expert_answers=per)
+        return RunOutput(list(self.experts), w, texts, outputs)
 
     @torch.inference_mode()
     def generate(self, texts: Sequence[str], routing: Routing = None, *,
@@ -301,6 +387,7 @@ class RequestRuntime(Runtime):
             raise PolymergeError(f"{self.label or 'this model'} does not generate text; use "
                                  "forward()")
         options, sampling = self._split(sampling)
+        check_new_tokens(max_new_tokens)
         texts = [texts] if isinstance(texts, str) else list(texts)
         w = self.weights(routing, len(texts), texts=texts, top_k=top_k, temperature=temperature)
         sampling.setdefault("do_sample", False)
@@ -309,6 +396,7 @@ class RequestRuntime(Runtime):
         new_ids: list[torch.Tensor | None] = [None] * len(texts)
         for chunk in self._batches(w, batch_size):
             enc = self.tokenizers.encode([texts[i] for i in chunk], left=True)
+            enc.pop("token_type_ids", None)  # one segment: all zeros; causal LMs take none
             seqs = self._generate(self._on_device(enc), w[chunk],
                                   max_new_tokens=max_new_tokens, **sampling, **options)
             new = seqs[:, enc["input_ids"].shape[1]:].cpu()

@@ -20,16 +20,19 @@ import torch
 from polymerge.engine import write_folder
 from polymerge.errors import RecipeError
 from polymerge.io.dtypes import dtype_name
-from polymerge.methods.schema import MergeMethod, Param, Schema
+from polymerge.methods.schema import REQUIRED, MergeMethod, Param, Schema
 from polymerge.plan import MergePlan, TensorJob, check_free_disk
 from polymerge.recipe import Recipe
 from polymerge.registry import Method, RunOptions, get_tensor_method, write_plan_extras
 from polymerge.stores.manifest import (
+    BASE_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     PIECES_DIR,
+    HeadEntry,
     TensorEntry,
     check_expert_name,
+    head_entries,
     parameter_counts,
     piece_name,
     shared_entry,
@@ -46,7 +49,10 @@ class TensorBuilder(Protocol):
     ``compute`` receives float32 tensors and returns every piece ``entry`` announced;
     ``finalize`` runs after the last tensor and returns what needs the whole model
     (statistics such as reconstruction errors or global rescalers), recorded in the manifest's
-    ``summary`` and given back by :attr:`Store.summary`.
+    ``summary`` and given back by :attr:`Store.summary`. A builder may also define
+    ``final_pieces() -> dict[str, Tensor]``: pieces announced by ``entry`` but computed only
+    once every tensor was seen (EMR's whole-model rescalers); the engine writes them after the
+    pass, before ``finalize`` is called.
     """
 
     def entry(self, job: TensorJob) -> TensorEntry: ...
@@ -93,39 +99,66 @@ class StoreMethod(Method):
     def write(self, plan: MergePlan, folder: Path, options: RunOptions) -> None:
         """The build loop: lay out every piece, stream the engine into ``pieces/``, finalize,
         then the manifest and the HF side files."""
+        self.build(plan, folder, options, self.make_builder(plan))
+
+    def build(self, plan: MergePlan, folder: Path, options: RunOptions,
+              builder: TensorBuilder) -> None:
+        """The build loop with a given builder (see :meth:`write`); every expert's task head,
+        if any, is stored beside the pieces as it came."""
         start = time.perf_counter()
-        builder = self.make_builder(plan)
         entries = [builder.entry(job) if job.merge else shared_entry(job) for job in plan.jobs]
-        pieces = [p for e in entries for p in e.pieces]
+        heads = head_entries(plan.heads, plan.out_dtype)
+        pieces = [p for e in entries for p in e.pieces] + \
+            [p for h in heads for p in h.tensors.values()]
         check_free_disk(folder, sum(p.nbytes for p in pieces))
         (folder / PIECES_DIR).mkdir()
         stats, files = write_folder(
             plan, folder / PIECES_DIR, builder.compute, pieces,
             max_shard_bytes=options.shard_size, metadata={"polymerge_store": self.name},
-            copied_name=lambda name: piece_name(name, "shared"), device=options.device,
-            progress=options.progress, desc=f"building {self.name} store",
-            what=f"{self.name} store")
+            copied_name=lambda name: piece_name(name, "shared"),
+            finalize=with_heads(getattr(builder, "final_pieces", None), plan, heads),
+            device=options.device, progress=options.progress,
+            desc=f"building {self.name} store", what=f"{self.name} store")
         manifest = store_manifest(
             plan, self.name, entries, builder.finalize(),
             engine={"tensors": stats.tensors, "bytes_read": stats.bytes_read,
                     "seconds": round(stats.seconds, 3)},
-            build_seconds=time.perf_counter() - start, files=files)
+            build_seconds=time.perf_counter() - start, files=files, heads=heads)
         write_plan_extras(plan, folder, description=self.description,
                           card_extra=_card(self.name, folder.name, manifest))
         write_manifest(folder, manifest)
 
 
+def with_heads(final: Callable[[], dict[str, torch.Tensor]] | None, plan: MergePlan,
+               heads: list[HeadEntry]) -> Callable[[], dict[str, torch.Tensor]] | None:
+    """The build's last step: the builder's ``final_pieces`` (if any), then every expert's
+    head tensors, read from the expert as they are (never merged)."""
+    if not heads:
+        return final
+
+    def finalize() -> dict[str, torch.Tensor]:
+        out = dict(final()) if final is not None else {}
+        for spec, entry in zip(plan.heads, heads, strict=True):
+            for name, piece in entry.tensors.items():
+                out[piece.name] = spec.read(name)
+        return out
+
+    return finalize
+
+
 def store_manifest(plan: MergePlan, method: str, entries: list[TensorEntry],
                    summary: dict[str, Any], *, engine: dict[str, Any], build_seconds: float,
-                   files: list[str]) -> dict[str, Any]:
-    """The manifest of a freshly built store (see :mod:`polymerge.stores.manifest`)."""
+                   files: list[str], heads: list[HeadEntry] | None = None) -> dict[str, Any]:
+    """The manifest of a freshly built store (see :mod:`polymerge.stores.manifest`): format
+    version 1 without heads, 2 with them."""
+    heads = heads or []
     recipe = plan.recipe
     cfg = plan.reference.config or {}
     params = {p.name: _jsonable(recipe.parameters.get(p.name, p.default))
               for p in plan.schema.params}
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if heads else BASE_VERSION,
         "method": method,
         "polymerge_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -138,16 +171,20 @@ def store_manifest(plan: MergePlan, method: str, entries: list[TensorEntry],
         "dtype": dtype_name(plan.out_dtype),
         "parameters": params,
         "seed": recipe.seed,
-        "parameter_counts": parameter_counts(entries, len(plan.inputs)),
+        "parameter_counts": parameter_counts(entries, len(plan.inputs),
+                                             [p for h in heads for p in h.tensors.values()]),
         "build_seconds": round(build_seconds, 3),
         "engine": engine,
         "summary": summary,
         "files": [f"{PIECES_DIR}/{f}" for f in files],
         "tensors": {e.name: e.to_json() for e in entries},
+        **({"heads": {h.expert: h.to_json() for h in heads}} if heads else {}),
     }
 
 
 def _jsonable(value: Any) -> Any:
+    if value is REQUIRED:  # a per-model parameter without a recipe-wide value
+        return None
     if hasattr(value, "model_dump"):
         return value.model_dump(exclude_none=True)
     if isinstance(value, list):

@@ -19,6 +19,20 @@ engine's per-tensor generator in expert order) and weighted; then per group only
 part in the sign election, the sum and the divisor. Hence K = 1 equals the plain merge with the
 same method exactly, and K = N with density 1 and lambda 1 rebuilds every expert (to float
 rounding; exactly once stored in a half-precision dtype).
+
+Defaults (``preset``). The paper's setting (``preset: paper``: K = 2, TIES with 30% of each
+delta trimmed, lambda 0.5, only the transformer blocks channel-merged) under-shoots on our
+experts, for two reasons measured on the zoo (BENCHMARKS.md). (1) TIES's disjoint mean already
+averages a group's deltas, so its lambda 0.5 halves them: a group of one expert gets half its
+task vector, a group of agreeing experts half their common direction. Lambda 1 (with the
+group method's mean, ``normalize: true``, so DARE-TIES groups average too) gives each group the
+size of its members' deltas. (2) Keeping everything outside the blocks per expert costs most of
+the saving on small models (MiniLM's embeddings are half of it: 0.77 of the ensemble at N = 4,
+K = 2). So ``preset: polymerge`` (the default) channel-merges every 2-D weight (``scope: .``),
+uses lambda 1 and a normalized group merge, and K = half the experts (``groups: 0.5``, rounded
+up: 2 of 4, 3 of 6), which keeps a store near half the ensemble's size whatever N is; at K = 2
+of 6 the within-group merges lose several points more (measured). Every value can still be set
+one by one; ``preset`` only changes the defaults.
 """
 
 from __future__ import annotations
@@ -61,16 +75,30 @@ with two or more dimensions are channel-merged."""
 SIMILARITIES = ("cosine", "euclidean")
 OTHERS = ("expert", "merged")
 GROUP_METHODS = TASK_ARITHMETIC_FAMILY
+BLOCKS_SCOPE = DEFAULT_SCOPE
 PAPER_DEFAULTS = {"density": 0.7, "lambda": 0.5}
 """The paper's settings: 30% of each delta trimmed (TIES) or dropped (DARE), lambda 0.5."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "polymerge": {"groups": 0.5, "scope": ".", "inner": {"density": 0.7, "lambda": 1.0,
+                                                          "normalize": True}},
+    "paper": {"groups": 2, "scope": BLOCKS_SCOPE, "inner": dict(PAPER_DEFAULTS)},
+}
+"""The defaults each ``preset`` gives (``inner``: the group method's parameters it has)."""
+PAPER_SETTING: dict[str, Any] = {"preset": "paper"}
+"""A recipe's parameters for the paper's setting (K = 2, TIES 0.7 / 0.5, blocks only)."""
 MAX_PARTITIONS = 4096
 """Above this many partitions of N experts into K groups, kernel k-means replaces the exact
 search."""
 _CHUNK = 1 << 22
 
 CHANNEL_PARAMS = (
-    Param("groups", int, default=2, low=1,
-          help="K: merged rows kept per channel (K = number of experts keeps every expert)"),
+    Param("preset", str, default="polymerge",
+          help="defaults of the other parameters: polymerge (K = half the experts, every 2-D "
+               "weight, lambda 1, group mean) | paper (K = 2, blocks only, density 0.7, "
+               "lambda 0.5)"),
+    Param("groups", float, default=0.5, low=0.0, low_open=True,
+          help="K: merged rows kept per channel; < 1: a fraction of the experts, rounded up "
+               "(0.5: half); >= 1: K itself (K = number of experts keeps every expert)"),
     Param("group_method", str, default="ties",
           help="static method merging each group: " + ", ".join(GROUP_METHODS)),
     Param("similarity", str, default="cosine", help="cosine | euclidean, between delta rows"),
@@ -309,13 +337,41 @@ def group_method_of(recipe: Recipe) -> MergeMethod:
     return inner_method(recipe, "group_method", "ties", "channel")
 
 
+def preset_of(recipe: Recipe) -> dict[str, Any]:
+    """The defaults of the recipe's ``preset`` (checked)."""
+    name = recipe.parameters.get("preset", "polymerge")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise RecipeError(f"channel: preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
 def channel_params(recipe: Recipe) -> tuple[Param, ...]:
     inner = group_method_of(recipe)
-    return CHANNEL_PARAMS + with_defaults(inner.params, **PAPER_DEFAULTS)
+    preset = preset_of(recipe)
+    own = with_defaults(CHANNEL_PARAMS, groups=preset["groups"], scope=preset["scope"])
+    names = {q.name for q in inner.params}
+    return own + with_defaults(inner.params, **{k: v for k, v in preset["inner"].items()
+                                                if k in names})
+
+
+def resolve_groups(value: Any, n_experts: int, tensor: str = "") -> int:
+    """K for a recipe's ``groups`` value: a fraction < 1 of the experts (rounded up, at least
+    1) or an integer >= 1."""
+    where = f"channel: tensor {tensor!r}" if tensor else "channel"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value <= 0:
+        raise RecipeError(f"{where}: groups must be a fraction in (0, 1) or an integer >= 1, "
+                          f"got {value!r}")
+    if value < 1:
+        return max(1, math.ceil(value * n_experts - 1e-9))
+    if int(value) != value:
+        raise RecipeError(f"{where}: groups={value!r} is neither a fraction < 1 nor an integer")
+    return int(value)
 
 
 def validate_channel(recipe: Recipe, n_experts: int) -> None:
     group_method_of(recipe)
+    preset_of(recipe)
     p = recipe.parameters
     for key, choices in (("similarity", SIMILARITIES), ("others", OTHERS)):
         value = p.get(key)
@@ -329,11 +385,13 @@ def validate_channel(recipe: Recipe, n_experts: int) -> None:
         if not isinstance(scope, str):
             raise RecipeError("channel: scope must be one regular expression")
         compile_scope(scope, "channel: scope")
-    for value in possible_values(p.get("groups", 2)):
+    for value in possible_values(p.get("groups", preset_of(recipe)["groups"])):
         if isinstance(value, (int, float)) and not isinstance(value, bool) \
                 and n_experts and value > n_experts:
             raise RecipeError(f"channel: groups={value:g} exceeds the number of experts "
                               f"({n_experts}); K = {n_experts} already keeps every expert")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            resolve_groups(value, max(1, n_experts))
 
 
 # ----------------------------------------------------------------------------- builder
@@ -350,7 +408,9 @@ class ChannelBuilder:
         self.sparsification, self.consensus = _gta_spec(self.inner)
         self.similarity = str(params.get("similarity", "cosine"))
         self.others = str(params.get("others", "expert"))
-        self.scope = compile_scope(str(params.get("scope", DEFAULT_SCOPE)), "channel: scope")
+        self.preset = str(params.get("preset", "polymerge"))
+        self.scope = compile_scope(str(params.get("scope", PRESETS[self.preset]["scope"])),
+                                   "channel: scope")
         self.inner_names = [p.name for p in self.inner.params]
         self._co = torch.zeros((self.n, self.n), dtype=torch.float64)
         self._rows = 0
@@ -361,7 +421,7 @@ class ChannelBuilder:
 
     def entry(self, job: TensorJob) -> TensorEntry:
         if self.in_scope(job):
-            k = int(job.shared["groups"])
+            k = resolve_groups(job.shared["groups"], self.n, job.name)
             if k > self.n:
                 raise RecipeError(f"channel: groups={k} for {job.name!r} exceeds the number "
                                   f"of experts ({self.n})")
@@ -389,7 +449,7 @@ class ChannelBuilder:
         if entry_kind == "merged":
             return {piece_name(job.name, "merged"):
                     self.inner.fn(base, inputs, generator=generator, **params)}
-        k = int(job.shared["groups"])
+        k = resolve_groups(job.shared["groups"], self.n, job.name)
         deltas = torch.stack([t - base for t in inputs])
         assignment = cluster_rows(deltas, k, self.similarity)
         p = {**{q.name: q.default for q in self.inner.params}, **params}
@@ -410,7 +470,8 @@ class ChannelBuilder:
     def finalize(self) -> dict[str, Any]:
         names = self.plan.input_names
         co = (self._co / max(1, self._rows)).tolist()
-        return {"group_method": self.inner.name, "similarity": self.similarity,
+        return {"preset": self.preset, "group_method": self.inner.name,
+                "similarity": self.similarity,
                 "others": self.others, "channel_rows": self._rows,
                 "rows_by_groups": {str(k): v for k, v in sorted(self._group_rows.items())},
                 "co_membership": {"experts": names,
@@ -432,6 +493,25 @@ class ChannelStore(Store):
         flat = groups.reshape(groups.shape[0] * rows, -1)
         pick = index[expert].long() * rows + torch.arange(rows, device=index.device)
         return flat, pick
+
+    def check_entry(self, entry: TensorEntry) -> str | None:
+        if entry.kind != "channel":
+            return super().check_entry(entry)
+        have = {p.name: p for p in entry.pieces}
+        groups = have.get(piece_name(entry.name, "groups"))
+        index = have.get(piece_name(entry.name, "index"))
+        if groups is None or index is None:
+            return "a channel tensor needs its groups and index pieces"
+        if not entry.shape or len(groups.shape) != len(entry.shape) + 1 \
+                or groups.shape[1:] != entry.shape or groups.shape[0] < 1:
+            return f"groups {list(groups.shape)} do not fit the shape {list(entry.shape)}"
+        if index.shape != (len(self.experts), entry.shape[0]) \
+                or index.dtype.is_floating_point or index.dtype == torch.bool:
+            return f"index {list(index.shape)} {index.dtype} is not (experts, rows) integers"
+        values = self.pieces[index.name]
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= groups.shape[0]):
+            return "the index names a group that is not stored"
+        return None
 
     def _rebuild(self, entry: TensorEntry, expert: int) -> torch.Tensor:
         if entry.kind != "channel":

@@ -1,9 +1,17 @@
-"""Write one expert of a store as a standalone HF checkpoint folder."""
+"""Write one expert of a store as a standalone HF checkpoint folder.
+
+An expert with a task head comes out as an ordinary checkpoint of its own class
+(``...ForSequenceClassification`` with its labels): the body the store rebuilds for it, under
+the names its class uses, plus its head, with its own config.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from polymerge.engine import write_tensors
 from polymerge.errors import PolymergeError
@@ -31,15 +39,28 @@ def export_expert(store: Store | str | Path, expert: str, out: str | Path, *,
     i = loaded.expert_index(expert)
     name = loaded.experts[i]
     out_dtype = parse_dtype(dtype) if dtype else loaded.dtype
-    infos = [TensorInfo(n, e.shape, out_dtype if e.dtype.is_floating_point else e.dtype)
-             for n, e in loaded.entries.items()]
+
+    def typed(dt: torch.dtype) -> torch.dtype:
+        return out_dtype if dt.is_floating_point else dt
+
+    head = loaded.heads.get(name)
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    infos = []
+    for n, e in loaded.entries.items():  # the body, under the expert's own names
+        own = head.expert_name(n) if head is not None else n
+        readers[own] = lambda _n=n: loaded.tensor(_n, i)
+        infos.append(TensorInfo(own, e.shape, typed(e.dtype)))
+    if head is not None:  # its head, as it came
+        for own, piece in head.tensors.items():
+            readers[own] = lambda _p=piece.name: loaded.pieces[_p]
+            infos.append(TensorInfo(own, piece.shape, typed(piece.dtype)))
     with AtomicOutputDir(out_path, force=force, kind="model") as tmp:
-        write_tensors(tmp, infos, lambda tensor: loaded.tensor(tensor, i),
+        write_tensors(tmp, infos, lambda tensor: readers[tensor](),
                       max_shard_bytes=max_shard,
                       metadata={"polymerge_store": loaded.method, "polymerge_expert": name})
         params = loaded.manifest.get("parameters", {})
         write_output_extras(
-            tmp, config=loaded.config, dtype=out_dtype, support_dir=loaded.path,
+            tmp, config=loaded.expert_config(i), dtype=out_dtype, support_dir=loaded.path,
             method=f"{loaded.method} store, expert {name}",
             description=f"expert {name!r} rebuilt by lookup from the store {loaded.path.name}",
             base=loaded.manifest.get("base", {}).get("path"),

@@ -21,15 +21,10 @@ Per tensor, in the engine's loop (float32):
 1; 1 is the full rank), a value > 1 an integer rank; a rank above a tensor's full rank is an
 error naming the tensor, raised while the store is laid out, before any tensor is read.
 
-Which SVD: ``torch.svd_lowrank`` (randomized, ``q = r + 10`` columns, 4 power iterations,
-seeded from the engine's per-tensor generator, so builds are deterministic) when
-``4 * (r + 10) <= min(rows, cols)``, otherwise ``torch.linalg.svd(full_matrices=False)``.
-Measured on one CPU thread (torch 2.13), Gaussian matrices (flat spectrum: the worst case for
-the randomized method) at rank 10%: 1536x384 10 ms vs 41 ms exact, 384x384 3.6 ms vs 15.9 ms,
-1024x1024 43 ms vs 321 ms; the truncation error was within 0.5-0.8% (relative) of the exact
-SVD's, within 0.1% on matrices with a decaying spectrum. At rank 30% the randomized method was
-no longer faster (384x384: 17.0 ms vs 15.9 ms), hence the factor 4. Small matrices (the tests'
-models) always take the exact path.
+Which SVD: :func:`polymerge.methods.lowrank.truncated_svd` (shared with ``polymerge
+extract-lora``): randomized, seeded from the engine's per-tensor generator, when
+``4 * (r + 10) <= min(rows, cols)``, exact otherwise (the measurements are in that module).
+Small matrices (the tests' models) always take the exact path.
 
 LoRA experts. The planner turns a PEFT adapter into a full expert tensor on read
 (:class:`polymerge.io.lora.LoraCheckpoint`), but the builder can still reach its factors through
@@ -57,6 +52,11 @@ import torch
 
 from polymerge.errors import PolymergeError, RecipeError
 from polymerge.io.checkpoint import TensorInfo
+from polymerge.methods.lowrank import (
+    fit_factors,
+    lowrank_svd_of_product,
+    truncated_svd,
+)
 from polymerge.methods.schema import MergeMethod, Param
 from polymerge.plan import MergePlan, TensorJob
 from polymerge.recipe import Recipe, possible_values
@@ -82,11 +82,6 @@ DEFAULT_SCOPE = "."
 OTHERS = ("expert", "shared")
 SHARED_METHODS = TASK_ARITHMETIC_FAMILY
 """Static methods of the task-arithmetic family that can make the shared expert."""
-OVERSAMPLE = 10
-"""Extra columns of the randomized range finder."""
-POWER_ITERATIONS = 4
-RANDOMIZED_FACTOR = 4
-"""The randomized SVD is used when ``RANDOMIZED_FACTOR * (r + OVERSAMPLE) <= min(rows, cols)``."""
 
 TWIN_PARAMS = (
     Param("shared_method", str, default="task_arithmetic",
@@ -155,65 +150,6 @@ def validate_twin(recipe: Recipe, n_experts: int) -> None:
     if "rank" in p:
         for value in possible_values(p["rank"]):
             _check_rank_value(value, "twin")
-
-
-# ----------------------------------------------------------------------------- SVDs
-
-
-def truncated_svd(matrix: torch.Tensor, rank: int, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """The best rank-``rank`` factors ``(U (m, r), S (r), Vh (r, n), how)`` of a matrix.
-
-    ``how`` is ``randomized`` or ``exact`` (see the module docstring for the rule). The
-    randomized path draws its seed from ``generator`` (deterministic for a seed).
-    """
-    m, n = matrix.shape
-    full = min(m, n)
-    if rank > full:
-        raise RecipeError(f"rank {rank} exceeds the full rank {full} of a {m}x{n} matrix")
-    q = rank + OVERSAMPLE
-    if RANDOMIZED_FACTOR * q <= full:
-        dev = matrix.device
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev)) \
-            if generator is not None else 0
-        devices = [dev.index or 0] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(matrix, q=q, niter=POWER_ITERATIONS)
-        return u[:, :rank], s[:rank], v[:, :rank].T, "randomized"
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank], "exact"
-
-
-def lowrank_svd_of_product(left: torch.Tensor, right: torch.Tensor, *,
-                           right_qr: tuple[torch.Tensor, torch.Tensor] | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD ``(U, S, Vh)`` of ``left @ right`` without forming the product.
-
-    ``left`` is (m, k), ``right`` (k, n) with k small: ``left = Q1 R1``, ``right^T = Q2 R2``
-    (reduced QR), then ``left @ right = Q1 (R1 R2^T) Q2^T`` and the SVD of the small core
-    ``R1 R2^T = Uc S Vch`` gives ``U = Q1 Uc``, ``Vh = Vch Q2^T``. Cost O((m + n) k^2) instead of
-    O(m n min(m, n)). ``right_qr``: the QR of ``right^T``, when several products share it.
-    """
-    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0]:
-        raise ValueError(f"lowrank_svd_of_product: shapes {tuple(left.shape)} and "
-                         f"{tuple(right.shape)} do not make a matrix product")
-    q1, r1 = torch.linalg.qr(left)
-    q2, r2 = right_qr if right_qr is not None else torch.linalg.qr(right.T)
-    uc, s, vhc = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
-    return q1 @ uc, s, vhc @ q2.T
-
-
-def _fit(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U diag(S), Vh)`` cut or zero-padded to exactly ``rank`` components."""
-    k = min(rank, s.shape[0])
-    left = u[:, :k] * s[:k]
-    right = vh[:k]
-    if k < rank:
-        left = torch.cat([left, left.new_zeros(left.shape[0], rank - k)], 1)
-        right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], 0)
-    return left.contiguous(), right.contiguous()
 
 
 # ----------------------------------------------------------------------------- builder
@@ -285,7 +221,7 @@ class TwinBuilder:
                 u, s, vh = lowrank_svd_of_product(left, right, right_qr=right_qr)
             else:
                 u, s, vh, how = truncated_svd(exclusive, r, generator)
-            uf, vf = _fit(u, s, vh, r)
+            uf, vf = fit_factors(u, s, vh, r)
             num += float(torch.linalg.matrix_norm(exclusive - uf @ vf)) ** 2
             den += float(torch.linalg.matrix_norm(exclusive)) ** 2
             out[piece_name(job.name, f"u.{t}")] = uf
@@ -393,6 +329,23 @@ class TwinStore(Store):
         if entry.kind != "twin":
             raise PolymergeError(f"{tensor!r} has no low-rank factors (kind {entry.kind})")
         return int(entry.extra["rank"])
+
+    def check_entry(self, entry: TensorEntry) -> str | None:
+        have = {p.name: p.shape for p in entry.pieces}
+        if entry.kind != "merged" and have.get(piece_name(entry.name, "shared")) != entry.shape:
+            return "the shared model's piece is missing or not of the tensor's shape"
+        if entry.kind != "twin":
+            return super().check_entry(entry)
+        rank = entry.extra.get("rank")
+        if len(entry.shape) != 2 or have.get(piece_name(entry.name, "shared")) != entry.shape \
+                or not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            return "a twin tensor needs a 2-D shared piece of its shape and an integer rank"
+        rows, cols = entry.shape
+        for t in range(len(self.experts)):
+            if have.get(piece_name(entry.name, f"u.{t}")) != (rows, rank) \
+                    or have.get(piece_name(entry.name, f"v.{t}")) != (rank, cols):
+                return f"the factors of expert {t} are not ({rows}, {rank}) and ({rank}, {cols})"
+        return None
 
     def _rebuild(self, entry: TensorEntry, expert: int) -> torch.Tensor:
         if entry.kind != "twin":

@@ -102,7 +102,7 @@ def learn_and_write(full_plan: MergePlan, folder: Path, method: LearnedMethod,
     objective = make_objective(
         base, [(e.display_name, Path(e.model)) for e in experts],
         tokenizer_source_dir(recipe.tokenizer_source, full_plan.reference.path),
-        cfg.max_length).to(dev)
+        cfg.max_length, full_plan.heads, allow_pickle=options.allow_pickle).to(dev)
     examples = load_examples(cfg.data, objective.specs, base, needs_labels=method.needs_labels,
                              sources=options.data_sources)
     train_ex, held_ex = split_heldout(examples, cfg.holdout, cfg.seed)

@@ -6,8 +6,10 @@ inputs once, and maps a batch to per-task logits and targets through ``forward``
 the model with the merged weights (``torch.func.functional_call``). The method's criterion,
 cross-entropy (SuperMerge) or prediction entropy (AdaMerging), is applied on top.
 
-Two objectives cover the zoo: encoder + per-task frozen heads (the cls suite: each task's head
-on the mean-pooled encoder output) and causal LMs (next-token prediction of each domain's text).
+Two objectives: classification experts (``XForSequenceClassification`` checkpoints, the cls
+suite's among them), whose bodies are merged while each task's own frozen head
+(:class:`polymerge.io.heads.HeadModule`) classifies the merged backbone's output, and causal LMs
+(next-token prediction of each domain's text).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from polymerge.errors import CheckpointError
-from polymerge.io.heads import HEAD_FILE, load_head
+from polymerge.io.heads import HeadModule, is_sequence_classifier, select_rows
+from polymerge.io.pretrained import check_folder_files, load_pretrained
+from polymerge.plan import HeadSpec
 from polymerge.tuning.data import DataError, Example, TaskSpec
 from polymerge.tuning.params import Criterion
 
@@ -143,8 +147,8 @@ class _Tokenized:
 
 
 class ClassifierObjective(_Tokenized):
-    """An encoder shared by all tasks, each task classified by its own frozen linear head
-    on the mean-pooled token vectors (the zoo's cls layout: heads under ``heads/``)."""
+    """A body shared by all tasks (the base's model, run with the merged weights), each task
+    classified by its expert's own frozen head on the body's backbone output."""
 
     def __init__(self, model: torch.nn.Module, heads: dict[str, torch.nn.Module],
                  specs: Sequence[TaskSpec], tokenizer: Any, max_length: int) -> None:
@@ -163,17 +167,24 @@ class ClassifierObjective(_Tokenized):
 
     def outputs(self, forward: Forward, items: Sequence[Item]) -> dict[str, TaskOutput]:
         ids, mask = pad(items, self.pad_id, _device(self.model))
-        out = forward(input_ids=ids, attention_mask=mask)
-        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        bare = self.model.base_model is self.model
+        kwargs = {} if bare else {"output_hidden_states": True}
+        out = forward(input_ids=ids, attention_mask=mask, **kwargs)
+        if not bare:  # a ...ForMaskedLM / ...ForCausalLM base: its backbone's last state
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = BaseModelOutput(last_hidden_state=out.hidden_states[-1])
         result: dict[str, TaskOutput] = {}
+        batch = ids.shape[0]
         for task in dict.fromkeys(it.task for it in items):
             rows = [i for i, it in enumerate(items) if it.task == task]
             labels = [items[i].label for i in rows]
             targets = None if any(y is None for y in labels) else \
                 torch.tensor(labels, device=ids.device)
-            result[task] = TaskOutput(self.heads[task](pooled[rows]), targets)
+            index = torch.tensor(rows, device=ids.device)
+            logits = self.heads[task](select_rows(out, rows, batch), ids.index_select(0, index),
+                                      mask.index_select(0, index))
+            result[task] = TaskOutput(logits, targets)
         return result
 
 
@@ -240,49 +251,50 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def make_objective(base: Path, experts: Sequence[tuple[str, Path]], tokenizer_dir: Path,
-                   max_length: int | None) -> Objective:
-    """The objective the base's architecture and the experts' files call for.
+                   max_length: int | None, heads: Sequence[HeadSpec] = (), *,
+                   allow_pickle: bool = False) -> Objective:
+    """The objective the experts call for.
 
-    A causal LM base gives next-token prediction; a bare encoder whose experts carry
-    ``heads/`` gives per-task classification. Anything else is refused with the reason.
+    Experts with sequence-classification heads (``heads``: the plan's, one per expert) give
+    per-task classification by each expert's own head; a causal LM base whose experts have no
+    heads gives next-token prediction. Anything else is refused with the reason.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    check_folder_files(tokenizer_dir, "tokenizer folder")  # no link out of it is read
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"no tokenizer in {tokenizer_dir} ({exc}); set "
                               "tokenizer_source") from None
-    if is_causal_lm(base):
+    if not heads and is_causal_lm(base):
         specs = [TaskSpec(name, path) for name, path in experts]
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            model = load_pretrained(AutoModelForCausalLM, base, allow_pickle=allow_pickle,
+                                    what="base model", dtype=torch.float32)
         return CausalLMObjective(model, specs, tokenizer, max_length or DEFAULT_MAX_LENGTH)
-    missing = [name for name, path in experts if not (path / HEAD_FILE).is_file()]
+    by_name = {h.expert: h for h in heads}
+    missing = [name for name, _ in experts
+               if name not in by_name or not is_sequence_classifier(by_name[name].config)]
     if missing:
         raise CheckpointError(
-            f"expert {missing[0]} has no {HEAD_FILE}: learned merges of encoders need each "
-            "expert's task head (the zoo's cls layout), or use a causal LM")
-    heads: dict[str, torch.nn.Module] = {}
+            f"expert {missing[0]} has no sequence-classification head: learned merges need "
+            "causal LM experts or ...ForSequenceClassification experts, each with its own head")
+    modules: dict[str, torch.nn.Module] = {}
     specs = []
-    lengths = []
     for name, path in experts:
-        head, meta = load_head(path, name)
-        heads[name] = head
-        task = meta.get("task")
-        labels = tuple(str(y) for y in (meta.get("labels") or range(head.out_features)))
-        if len(labels) != head.out_features:
-            raise CheckpointError(f"expert {name}: {len(labels)} labels for a head with "
-                                  f"{head.out_features} outputs")
-        specs.append(TaskSpec(name, path, (task,) if isinstance(task, str) else (), labels))
-        if isinstance(meta.get("max_len"), int):
-            lengths.append(meta["max_len"])
-    with quiet_transformers():
-        model = AutoModel.from_pretrained(base, dtype=torch.float32)
-    hidden = getattr(model.config, "hidden_size", None)
-    for name, head in heads.items():
-        if hidden is not None and head.in_features != hidden:
-            raise CheckpointError(f"expert {name}: its head takes {head.in_features} features, "
-                                  f"the encoder gives {hidden}")
-    length = max_length or (max(lengths) if lengths else DEFAULT_MAX_LENGTH)
-    return ClassifierObjective(model, heads, specs, tokenizer, length)
+        spec = by_name[name]
+        head = HeadModule(spec.config or {}, {n: spec.read(n) for n in spec.tensors}, name=name)
+        modules[name] = head
+        task = (spec.config or {}).get("finetuning_task")
+        specs.append(TaskSpec(name, path, (task,) if isinstance(task, str) else (),
+                              tuple(head.labels)))
+    import transformers
+
+    archs = _architectures(base)
+    cls = getattr(transformers, archs[0], None) if archs else None
+    with quiet_transformers():  # the base's own class: its tensor names are the plan's
+        model = load_pretrained(cls or AutoModel, base, allow_pickle=allow_pickle,
+                                what="base model", dtype=torch.float32)
+    return ClassifierObjective(model, modules, specs, tokenizer,
+                               max_length or DEFAULT_MAX_LENGTH)

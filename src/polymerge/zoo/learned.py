@@ -35,6 +35,9 @@ def learned_recipes(suite: Any, **overrides: Any) -> dict[str, dict[str, Any]]:
     """
     variants = VARIANTS.get(suite.name, {})
     recipes = {}
+    max_len = getattr(getattr(suite, "config", None), "max_len", None)
+    if isinstance(max_len, int) and suite.name == "cls":
+        overrides = {"max_length": max_len, **overrides}  # the length the experts trained at
     for label, (method, params) in variants.items():
         recipes[label] = {
             "merge_method": method,

@@ -111,7 +111,9 @@ def stored_params_ratio(suite: Suite, folder: Path) -> float:
 def run_plans(suite: Suite, plans: Sequence[Plan], *, progress: bool = True,
               keep: bool = True) -> list[Row]:
     """Merge, time and evaluate each plan; a failing method becomes a row with its reason."""
+    from polymerge.stores import is_store
     from polymerge.zoo.sources import run_merge as merge
+    from polymerge.zoo.stores import score_store, store_params_ratio
 
     rows: list[Row] = []
     out_root = suite.root / "merges"
@@ -127,9 +129,14 @@ def run_plans(suite: Suite, plans: Sequence[Plan], *, progress: bool = True,
             rows.append(Row(plan.name, {}, note=f"failed: {exc}"))
             continue
         seconds = time.time() - start
-        scores = suite.evaluate(lambda _t, _o=out: _o, progress=progress)
+        if is_store(out):  # experts with task heads: the merge is a store of them
+            scores = score_store(suite, out, progress=progress)
+            ratio = store_params_ratio(suite, out)
+        else:
+            scores = suite.evaluate(lambda _t, _o=out: _o, progress=progress)
+            ratio = stored_params_ratio(suite, out)
         rows.append(Row(plan.name, scores, note=plan.note, build_seconds=seconds,
-                        params_ratio=stored_params_ratio(suite, out),
+                        params_ratio=ratio,
                         extra={"path": str(out), "recipe": plan.recipe}))
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -222,14 +229,20 @@ def update_marked_section(path: Path, suite_name: str, content: str) -> None:
     start, end = (f"<!-- polymerge-report:{suite_name}:start -->",
                   f"<!-- polymerge-report:{suite_name}:end -->")
     block = f"{start}\n{content.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else ""
+    try:
+        text = path.read_text() if path.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolymergeError(f"cannot read {path} ({exc})") from None
     if start in text and end in text:
         before, rest = text.split(start, 1)
         after = rest.split(end, 1)[1]
         text = before + block + after
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.write_text(text)
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise PolymergeError(f"cannot write {path} ({exc.strerror or exc})") from None
 
 
 def store_rows(suite: Suite, *, progress: bool = True, keep: bool = True) -> list[Row]:
@@ -257,9 +270,9 @@ def run_report(suite: Suite, *, methods: Sequence[str] | None = None,
     from polymerge.registry import tensor_methods
     from polymerge.zoo.plot import bar_chart
 
+    chosen = [get_method(m) for m in methods] if methods else tensor_methods()  # before work
     suite.build(progress=progress)
     refs = reference_rows(suite, progress=progress)
-    chosen = [get_method(m) for m in methods] if methods else tensor_methods()
     plans = [plan_method(m, suite) for m in chosen]
     if paper:
         plans += paper_plans(suite)
@@ -273,8 +286,11 @@ def run_report(suite: Suite, *, methods: Sequence[str] | None = None,
     png_path = Path(png_path) if png_path else md_path.with_suffix(".png")
     text = render_markdown(suite, rows, refs, command or f"polymerge report --suite {suite.name}")
     text += f"\n![{suite.name} results]({png_path.name})\n"
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(text)
+    try:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(text)
+    except OSError as exc:
+        raise PolymergeError(f"cannot write {md_path} ({exc.strerror or exc})") from None
     base, ensemble = reference_table_rows(suite, refs)
     bar_chart(suite, [base] + rows + [ensemble], refs["ensemble"], png_path,
               f"{suite.name} suite: test {suite.primary}")

@@ -5,10 +5,11 @@
   chosen per input by the store's router (``router``).
 * :func:`store_target` lets ``polymerge eval STORE --suite ...`` score a store with oracle
   routing and ``polymerge eval STORE/router --suite ...`` with its trained router.
-* :func:`store_rows` builds TIES-CM and DARE-CM stores of a suite's experts (or Twin-Merging
-  stores, :data:`TWIN_VARIANTS`), trains their routers on the suite's validation queries, and
-  scores both routings, as report rows. A twin store's oracle routing is each task's one-hot
-  weights; its router routing mixes the experts with the router's soft weights.
+* :func:`store_rows` builds store variants of a suite's experts (:data:`REPORT_VARIANTS`: the
+  channel store with its defaults and at the paper's setting, Twin-Merging, EMR-Merging and
+  1bit-Merging), trains their routers on the suite's validation queries, and scores both
+  routings, as report rows. A twin store's oracle routing is each task's one-hot weights; its
+  router routing mixes the experts with the router's soft weights.
 """
 
 from __future__ import annotations
@@ -27,14 +28,19 @@ from polymerge.stores import ROUTER_DIR, is_store, read_manifest
 ORACLE = "oracle"
 ROUTER = "router"
 ZOO_SCOPE = "."
-"""Every 2-D weight is channel-merged in the zoo, embeddings included: in these small models
-the embeddings are 21-51% of the parameters, so keeping them per expert (the recipe default's
-scope is the transformer blocks) would cost 60-77% of the ensemble instead of about half."""
+"""Every 2-D weight channel-merged, embeddings included (the channel store's default scope):
+in these small models the embeddings are 21-51% of the parameters, so keeping them per expert
+(the paper's setting: only the transformer blocks) costs 60-77% of the ensemble instead of
+about half."""
 CM_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("TIES-CM", {"group_method": "ties", "scope": ZOO_SCOPE}),
-    ("DARE-CM", {"group_method": "dare_ties", "scope": ZOO_SCOPE}),
+    ("channel (defaults)", {}),
+    ("TIES-CM (paper setting)", {"preset": "paper", "group_method": "ties", "scope": ZOO_SCOPE}),
+    ("DARE-CM (paper setting)", {"preset": "paper", "group_method": "dare_ties",
+                                 "scope": ZOO_SCOPE}),
 )
-"""The paper's two variants, with its defaults (K = 2, 30% trimmed or dropped, lambda 0.5)."""
+"""The channel store as a user gets it (no parameters), and the paper's two variants at its
+setting (K = 2, 30% trimmed or dropped, lambda 0.5; every 2-D weight merged, as the zoo
+always measured them)."""
 TWIN_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Twin", {"merge_method": "twin", "shared_method": "task_arithmetic", "shared_lambda": 0.3,
               "rank": 0.1, "scope": ZOO_SCOPE}),
@@ -42,7 +48,12 @@ TWIN_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 """Twin-Merging: task-arithmetic shared expert (lambda 0.3), exclusive parts of every 2-D
 weight at 10% of the full rank. A variant's ``merge_method`` (default ``channel``) picks the
 store method."""
-REPORT_VARIANTS = CM_VARIANTS + TWIN_VARIANTS
+EMR_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (("EMR", {"merge_method": "emr"}),)
+"""EMR-Merging with its defaults (one rescaler per expert over the whole model)."""
+ONEBIT_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("1bit", {"merge_method": "onebit"}),)
+"""1bit-Merging with the paper's split (MLP weights per expert for non-chat experts)."""
+REPORT_VARIANTS = CM_VARIANTS + TWIN_VARIANTS + EMR_VARIANTS + ONEBIT_VARIANTS
 """The stores ``polymerge report --stores`` builds and scores."""
 
 
@@ -59,7 +70,7 @@ def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,
 
     if routing not in (ORACLE, ROUTER):
         raise PolymergeError(f"routing must be {ORACLE} or {ROUTER}, got {routing!r}")
-    rt = load_store(path, device=device)
+    rt = load_store(path, device=device, base=suite_base(path, suite))
     missing = [t for t in suite.tasks if t not in rt.experts]
     if missing:
         raise PolymergeError(f"{Path(path).name}: no expert for task(s) {missing}; the store's "
@@ -78,6 +89,52 @@ def store_weights(path: str | Path, suite: Any, routing: str = ORACLE, *,
     return weights
 
 
+def suite_base(store: str | Path, suite: Any) -> Path | None:
+    """The base a switching store's router reads features of: the suite's own base model
+    (a store refers only to files inside itself; the zoo names the base it built). None for
+    a store served by mixing (its router reads its own shared model)."""
+    return None if _mixes(read_manifest(store)["method"]) else suite.base_dir
+
+
+def score_store(suite: Any, path: str | Path, routing: str = ORACLE, *,
+                progress: bool = True) -> Any:
+    """A store's scores on the suite's test data (``{task: {metric: value}}``).
+
+    A store of classifiers holding every task's expert is scored end to end by the code of
+    ``polymerge eval STORE --data`` (:mod:`polymerge.zoo.data_eval`) on the suite's test split:
+    each text answered by the head of the expert it is routed to, at the suite's length and
+    batching. Otherwise (a causal LM suite; a ``merged`` store of fewer experts than tasks,
+    whose one body serves every task) the suite's own evaluation: the routed body with each
+    task's own head.
+    """
+    from polymerge.registry import HEADS_METHOD
+
+    manifest = read_manifest(path)
+    experts = list(manifest["experts"])
+    missing = [t for t in suite.tasks if t not in experts]
+    if manifest.get("heads") and hasattr(suite, "splits") and not missing:
+        from polymerge.zoo.data_eval import evaluate_data, write_suite_data
+
+        cfg = getattr(suite, "config", None)
+        res = evaluate_data(path, write_suite_data(suite), routings=(routing,),
+                            max_length=getattr(cfg, "max_len", None),
+                            batch_size=int(getattr(cfg, "eval_batch", 32)),
+                            base=suite_base(path, suite))
+        return {t: {suite.primary: res.routings[routing][t]} for t in suite.tasks}
+    if missing and manifest["method"] == HEADS_METHOD and routing == ORACLE:
+        from polymerge.runtime import load_store
+
+        module = load_store(path).as_module(expert=experts[0])  # the one body
+        return suite.evaluate(lambda _t: module, progress=progress)
+    return suite.evaluate(store_weights(path, suite, routing), progress=progress)
+
+
+def _mean_primary(suite: Any, scores: Any) -> float:
+    m = suite.metric(suite.primary)
+    values = [scores[t][m.name] for t in suite.tasks if t in scores]
+    return sum(values) / len(values) * m.scale if values else float("nan")
+
+
 def store_target(path: Path, suite: Any) -> Any:
     """``STORE`` -> oracle routing; ``STORE/router`` -> the store's trained router."""
     if is_store(path):
@@ -89,8 +146,9 @@ def store_target(path: Path, suite: Any) -> Any:
 
 def store_params_ratio(suite: Any, store: str | Path) -> float:
     """Stored parameters (plus the experts' private parts, e.g. heads) over the ensemble's."""
+    counts = read_manifest(store)["parameter_counts"]
     shared, private = suite.expert_parameters()
-    stored = read_manifest(store)["parameter_counts"]["stored"]
+    stored = counts["stored"] - counts.get("heads", 0)  # the suite's private parts, once
     ensemble = len(suite.tasks) * shared + private
     return (stored + private) / ensemble if ensemble else float("nan")
 
@@ -113,13 +171,42 @@ def _mixes(method: str) -> bool:
     return getattr(registry.get(method), "serving", "switch") == "mix"
 
 
+mixes = _mixes
+
+
 def _variant_note(method: str, manifest: dict[str, Any], params: dict[str, Any]) -> str:
+    """One line saying what a store variant is, from its manifest."""
     p = manifest["parameters"]
+    s = manifest.get("summary", {})
     if _mixes(method):
-        err = manifest.get("summary", {}).get("recon_error", {}).get("mean", float("nan"))
+        err = s.get("recon_error", {}).get("mean", float("nan"))
         return (f"twin store, rank {p.get('rank')}, {p.get('shared_method')} shared "
                 f"(lambda {p.get('shared_lambda')}), exclusive-part error {err:.3f}")
-    return f"store, K={p.get('groups')}, {params.get('group_method', 'ties')} within groups"
+    if method == "emr":
+        scales = s.get("model_rescalers", {})
+        return (f"emr store, rescaler per {p.get('rescaler')}, whole-model rescalers "
+                + ", ".join(f"{v:.2f}" for v in scales.values()))
+    if method == "onebit":
+        kept = sum(v.get("tensors", 0) for v in s.get("experts", {}).values())
+        return (f"onebit store, modules {p.get('modules')}, {kept} 1-bit task vectors, "
+                f"{p.get('merged_method')} for the rest")
+    ks = sorted(int(k) for k in s.get("rows_by_groups", {})) or [p.get("groups")]
+    return (f"channel store ({p.get('preset', 'paper')} preset), K={'/'.join(map(str, ks))}, "
+            f"{p.get('group_method', params.get('group_method', 'ties'))} within groups, "
+            f"lambda {p.get('lambda')}, density {p.get('density', 1.0)}")
+
+
+def suite_max_length(suite: Any) -> int | None:
+    """The tokens the suite's experts read per text (cls: ``max_len``, gen: ``seq_len``): the
+    router reads as many. The zoo's evaluation hands a routed module token ids cut to that
+    length, so a router trained on longer texts would route on inputs unlike its training
+    data; it is also several times cheaper to compute."""
+    config = getattr(suite, "config", None)
+    for key in ("max_len", "seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def train_suite_router(store: str | Path, suite: Any, **kwargs: Any) -> dict[str, Any]:
@@ -129,6 +216,10 @@ def train_suite_router(store: str | Path, suite: Any, **kwargs: Any) -> dict[str
 
     data = suite_texts(suite, "validation")
     test = suite_texts(suite, "test")
+    kwargs.setdefault("base", suite_base(store, suite))
+    length = suite_max_length(suite)
+    if length:
+        kwargs.setdefault("max_length", length)
     result = train_store_router(store, data, test=test, source=f"suite:{suite.name}",
                                 **kwargs)
     return result.metrics
@@ -163,17 +254,26 @@ def store_rows(suite: Any, variants: Sequence[tuple[str, dict[str, Any]]] = CM_V
         note = _variant_note(method, read_manifest(out), params)
         oracle = "one-hot weights of each task's expert" if _mixes(method) else \
             "each task's own expert"
-        scores = suite.evaluate(store_weights(out, suite, ORACLE), progress=progress)
+        scores = score_store(suite, out, ORACLE, progress=progress)
         rows.append(Row(f"{label} (oracle)", scores, note=f"{note}; {oracle}",
                         params_ratio=ratio, build_seconds=build,
                         extra={"path": str(out), "recipe": recipe, "routing": ORACLE}))
         if routers:
             start = time.time()
-            metrics = train_suite_router(out, suite)
+            if _mixes(method):
+                metrics = train_suite_router(out, suite)
+            else:  # base-model features: one router per suite, copied into each store
+                from polymerge.zoo.sweep import switch_router
+
+                metrics = switch_router(out, suite, suite.root / "sweep")
             router_s = time.time() - start
-            scores = suite.evaluate(store_weights(out, suite, ROUTER), progress=progress)
+            scores = score_store(suite, out, ROUTER, progress=progress)
             acc = metrics.get("test_accuracy", float("nan"))
             how = "trained router's soft weights" if _mixes(method) else "trained router"
+            if read_manifest(out).get("heads"):  # end to end: the routed expert's head answers
+                body = suite.evaluate(store_weights(out, suite, ROUTER), progress=progress)
+                how += (", each text answered by its routed expert's head (routed body with "
+                        f"the task's own head: mean {_mean_primary(suite, body):.1f})")
             rows.append(Row(f"{label} (router)", scores,
                             note=f"{note}; {how}, test routing accuracy {acc:.3f}",
                             params_ratio=ratio, build_seconds=build + router_s,

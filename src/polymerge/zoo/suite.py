@@ -44,6 +44,8 @@ class BuildReport:
 
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+    """Cached experts rewritten from an older layout (same weights, no retraining)."""
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -105,13 +107,15 @@ class Suite(abc.ABC):
         return out
 
     def export(self, task: str, out: Path) -> Path:
-        """The expert of ``task`` as a standalone HF checkpoint folder at ``out``."""
+        """The expert of ``task`` as a standalone HF checkpoint folder at ``out`` (created, or
+        an existing empty folder)."""
         import shutil
 
         from polymerge.zoo.cache import MANIFEST
 
         self.require_built()
-        shutil.copytree(self.expert_dir(task), out, ignore=shutil.ignore_patterns(MANIFEST))
+        shutil.copytree(self.expert_dir(task), out, ignore=shutil.ignore_patterns(MANIFEST),
+                        dirs_exist_ok=True)
         return Path(out)
 
     def is_built(self) -> bool:
