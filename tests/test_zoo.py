@@ -349,6 +349,34 @@ def test_cli_eval_json_and_plot(mini: ClsSuite, refs: dict, tmp_path: Path, caps
     assert "reuters" in capsys.readouterr().out
 
 
+# ----------------------------------------------------------------------------- stores
+
+
+def test_store_rows_score_end_to_end_as_the_suite_does(mini: ClsSuite, refs: dict,
+                                                       tmp_path: Path) -> None:
+    """A store of the zoo's experts is scored by ``polymerge eval --data``'s code (each text
+    answered by its routed expert's head): the same numbers as the suite's own evaluation."""
+    import polymerge
+    from polymerge.cli import main
+    from polymerge.zoo.data_eval import write_suite_data
+    from polymerge.zoo.stores import ORACLE, channel_recipe, score_store, store_weights
+
+    store = polymerge.merge(channel_recipe(mini, groups=3, density=1.0, **{"lambda": 1.0}),
+                            tmp_path / "cm", progress=False)
+    end_to_end = score_store(mini, store, ORACLE, progress=False)
+    assert end_to_end == mini.evaluate(store_weights(store, mini, ORACLE), progress=False)
+    for t in mini.tasks:  # K = N keeps every expert (to float rounding)
+        assert end_to_end[t]["accuracy"] == pytest.approx(refs["ensemble"][t]["accuracy"],
+                                                          abs=1.01 / 64)
+    js = tmp_path / "data.json"
+    data = write_suite_data(mini)
+    assert main(["eval", str(store), "--data", str(data), "--max-length",
+                 str(mini.config.max_len), "--batch-size", str(mini.config.eval_batch),
+                 "--json", str(js), "-q"]) == 0
+    got = json.loads(js.read_text())["routings"]["oracle"]["per_expert"]
+    assert got == {t: end_to_end[t]["accuracy"] for t in mini.tasks}
+
+
 # ----------------------------------------------------------------------------- report and demo
 
 

@@ -40,6 +40,13 @@ def _debug_everywhere(sub: argparse._SubParsersAction) -> None:
                 _debug_everywhere(action)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\n``...): an error quoting a
+    name from a hostile file stays one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -50,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolymergeError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"polymerge: error: {exc}", file=sys.stderr)
+        print(f"polymerge: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("polymerge: interrupted; no output was written", file=sys.stderr)

@@ -12,6 +12,9 @@ from polymerge.registry import KIND_LABELS, all_methods
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
+        from polymerge.engine import resolve_device
+
+        resolve_device(args.device)  # the run it plans would need it
         plan = api.dry_run(args.recipe, args.output, dtype=args.dtype,
                            allow_pickle=args.allow_pickle, force=args.force)
         print(plan.summary())

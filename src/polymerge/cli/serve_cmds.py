@@ -11,6 +11,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from polymerge.errors import PolymergeError
     from polymerge.serve import ServeOptions
 
+    if not 0 <= args.port <= 65535:
+        raise PolymergeError(f"serve: --port must be from 0 to 65535, got {args.port}")
     key = None
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
@@ -21,6 +23,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            max_queue=args.max_queue, timeout=args.timeout,
                            max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
                            max_input_tokens=args.max_input_tokens, api_key=key, name=args.name)
+    if args.threads is not None and args.threads < 1:
+        raise PolymergeError(f"serve: --threads must be a whole number >= 1, got {args.threads}")
     if args.threads:
         import torch
 
@@ -28,7 +32,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from polymerge.serve.server import load, serve
 
     runtime = load(args.target, device=args.device, base=args.base,
-                   max_length=args.max_input_tokens)
+                   max_length=args.max_input_tokens, allow_pickle=args.allow_pickle)
     code = serve(runtime, options, host=args.host, port=args.port, log_level=args.log_level)
     # Drained: nothing is left to write or clean up (the server writes no file). Tearing
     # down the interpreter's torch and transformers modules takes seconds; skip it.
@@ -52,6 +56,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, "
                                                           "printed)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled weights (TARGET, --base) with torch.load(weights_only=True)")
     p.add_argument("--base", help="base model folder for a channel store's router features "
                                   "(default: the one recorded)")
     p.add_argument("--name", help="the store's model name (default: its folder's name)")

@@ -52,20 +52,24 @@ def _cmd_router_train(args: argparse.Namespace) -> int:
     if (args.data is None) == (args.suite is None):
         raise PolymergeError("router train: give --data FILE.jsonl or --suite NAME (one)")
     test = None
+    base = args.base
     if args.data is not None:
         data = read_labelled_jsonl(args.data)
         source = f"data:{args.data}"
     else:
         from polymerge.zoo import get_suite
+        from polymerge.zoo.stores import suite_base
 
         suite = get_suite(args.suite, args.cache, scale=args.scale)
         suite.require_built()
         data = suite_texts(suite, "validation")
         test = suite_texts(suite, "test")
         source = f"suite:{args.suite}:{args.scale}:validation"
+        if base is None:
+            base = suite_base(args.store, suite)  # the suite's own base model
     if args.test is not None:
         test = read_labelled_jsonl(args.test)
-    result = train_store_router(args.store, data, test=test, base=args.base, device=args.device,
+    result = train_store_router(args.store, data, test=test, base=base, device=args.device,
                                 max_length=args.max_length, seed=args.seed, hidden=args.hidden,
                                 val_fraction=args.val_fraction, max_epochs=args.epochs,
                                 patience=args.patience, source=source,
@@ -186,7 +190,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--scale", default="full", help="zoo scale (with --suite; default full)")
     t.add_argument("--base", help="base model folder for features (needed by stores served by "
                                   "switching, such as channel stores: a store refers only to "
-                                  "files inside itself; not for twin stores)")
+                                  "files inside itself; with --suite, the suite's base; not "
+                                  "for twin stores)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--max-length", type=int, default=256, help="tokens per query (default 256)")
     t.add_argument("--hidden", type=int, default=256, help="router hidden size (default 256)")

@@ -115,8 +115,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise PolymergeError("eval: give --suite NAME or --data FILE.jsonl (one)")
     if args.data is not None:
         return _eval_data(args)
-    if args.experts or args.routing or args.max_length:
-        raise PolymergeError("eval: --experts, --routing and --max-length go with --data")
+    if args.experts or args.routing or args.max_length or args.base:
+        raise PolymergeError("eval: --experts, --routing, --max-length and --base go with "
+                             "--data")
     suite = _suite(args)
     weights = ev.resolve_target(args.target, suite, allow_pickle=args.allow_pickle)
     refs = ev.reference_rows(suite, progress=not args.quiet)
@@ -148,7 +149,7 @@ def _eval_data(args: argparse.Namespace) -> int:
     result = de.evaluate_data(
         args.target, args.data, routings=routings, max_length=args.max_length,
         experts=de.parse_experts(args.experts or []), batch_size=args.batch_size,
-        device=args.device,
+        device=args.device, base=args.base, allow_pickle=args.allow_pickle,
         progress=None if args.quiet else lambda what: print(f"scoring: {what}",
                                                             file=sys.stderr, flush=True))
     print(de.table(result))
@@ -313,10 +314,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help="with --data: tokens per text (default 256)")
     p.add_argument("--batch-size", type=int, default=32, help="with --data: rows per batch")
     p.add_argument("--device", default="cpu", help="with --data: cpu or cuda")
+    p.add_argument("--base", type=Path,
+                   help="with --data: the base model, for a switching store's router features")
     p.add_argument("--json", type=Path, help="also write the scores as JSON here")
     p.add_argument("--plot", type=Path, help="also write a bar chart PNG here")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="load a pickled TARGET with torch.load(weights_only=True)")
+                   help="load pickled weights (TARGET; with --data also --experts, --base) "
+                        "with torch.load(weights_only=True)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -35,6 +35,7 @@ import torch
 from polymerge.errors import CheckpointError, PolymergeError, RecipeError
 from polymerge.io.checkpoint import is_lora_adapter, split_model_ref
 from polymerge.io.hf_files import TOKENIZER_FILES
+from polymerge.io.pretrained import check_folder_files
 from polymerge.recipe import TokenSetting, TokenSource, warn_recipe
 
 
@@ -70,7 +71,9 @@ def _auto_tokenizer() -> Any:
 
 
 def load_tokenizer(folder: Path, what: str) -> Any:
-    """A fast tokenizer from a local folder; a one-line error when it cannot be loaded."""
+    """A fast tokenizer from a local folder; a one-line error when it cannot be loaded. Its
+    files must be regular files inside the folder (no link out of it is read)."""
+    check_folder_files(folder, f"{what}: tokenizer folder")
     try:
         return _auto_tokenizer().from_pretrained(str(folder), use_fast=True)
     except PolymergeError:

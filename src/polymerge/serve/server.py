@@ -18,17 +18,19 @@ from polymerge.serve.options import ServeOptions
 
 
 def load(target: str | Path, *, device: str = "cpu", base: str | Path | None = None,
-         max_length: int = 512) -> Any:
+         max_length: int = 512, allow_pickle: bool = False) -> Any:
     """The runtime of a store or checkpoint folder, warmed up (model and tokenizer loaded, a
     first pass run; the app warms the router), so the first request pays nothing extra.
-    ``base``: a channel store's base model folder, which its router's features come from."""
+    ``base``: a channel store's base model folder, which its router's features come from;
+    ``allow_pickle``: load pickled weights (a plain checkpoint's, the base's)."""
     import transformers
 
     from polymerge.runtime import load_runtime
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    rt = load_runtime(target, device=device, base=base, max_length=max_length)
+    rt = load_runtime(target, device=device, base=base, max_length=max_length,
+                      allow_pickle=allow_pickle)
     if not hasattr(rt, "folder") or not hasattr(rt, "model"):
         raise PolymergeError(f"serve: {type(rt).__name__} runtimes cannot be served")
     rt.model  # noqa: B018  (built now, not on the first request)
@@ -50,9 +52,10 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:
         sock.close()
-        raise PolymergeError(f"serve: cannot listen on {host}:{port} ({exc.strerror})") from None
+        raise PolymergeError(f"serve: cannot listen on {host}:{port} "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
     sock.set_inheritable(True)
     return sock
 

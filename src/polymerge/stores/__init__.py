@@ -3,8 +3,13 @@
 Layout: :mod:`~polymerge.stores.manifest` (the folder format), :mod:`~polymerge.stores.store`
 (the loaded store: lookup only), :mod:`~polymerge.stores.build` (the store method entry and
 the build loop), :mod:`~polymerge.stores.export` (one expert as a checkpoint), and one module
-per store method (``channel``, ``twin``), each registering itself in :mod:`polymerge.registry`
-when this package is imported. A new store method is one module here.
+per store method (``channel``, ``twin``, ``emr``, ``onebit``, and ``merged``: what a static or
+learned merge of experts with task heads writes), each registering itself in
+:mod:`polymerge.registry` when this package is imported. A new store method is one module here.
+Experts' task heads (``...ForSequenceClassification``) are handled here generically: the build
+loop stores them beside any method's pieces, the manifest records them (format version 2), a
+:class:`Store` gives them back under each expert's own names, and an export is an ordinary
+checkpoint of the expert's class; store methods see only the body.
 """
 
 from polymerge.discovery import import_submodules

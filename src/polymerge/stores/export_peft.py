@@ -45,6 +45,7 @@ from polymerge.errors import PolymergeError
 from polymerge.io.checkpoint import TensorInfo
 from polymerge.io.dtypes import parse_dtype
 from polymerge.io.hf_files import write_output_extras
+from polymerge.io.pretrained import load_config
 from polymerge.io.writer import AtomicOutputDir, check_output_target
 from polymerge.registry import DEFAULT_SHARD_SIZE, parse_size
 from polymerge.stores.manifest import expert_part, piece_name
@@ -100,9 +101,8 @@ class _Plan:
 def _model(store: Store) -> torch.nn.Module:
     """The store's architecture with the shared model's weights."""
     import transformers
-    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(store.path))
+    cfg = load_config(store.path, "store")  # a regular config.json inside the store
     cls = next((getattr(transformers, a) for a in (cfg.architectures or [])
                 if hasattr(transformers, a)), transformers.AutoModel)
     with torch.random.fork_rng(devices=[]):

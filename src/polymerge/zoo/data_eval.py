@@ -214,18 +214,19 @@ def evaluate_data(target: str | Path, data: str | Path, *,
                   experts: Mapping[str, str | Path] | None = None,
                   max_length: int | None = None, batch_size: int = 32,
                   device: str = "cpu", base: str | Path | None = None,
-                  progress: Any = None) -> DataScores:
+                  progress: Any = None, allow_pickle: bool = False) -> DataScores:
     """Score ``target`` (a checkpoint or store folder) on the JSONL ``data``.
 
     ``routings``: ``oracle`` and/or ``router`` (default: both when the target has a router,
     else oracle); ``experts``: name -> checkpoint of each expert alone (for normalized
     scores); ``max_length``: tokens per text (default: the runtime's); ``base``: a switching
-    store's router feature model, when not the recorded one. ``progress``: a callable told
-    what runs next.
+    store's router feature model (a store never names it itself); ``allow_pickle``: load
+    pickled weights (target, experts, base). ``progress``: a callable told what runs next.
     """
     from polymerge.runtime import load_runtime
 
-    rt = load_runtime(target, device=device, **({"base": base} if base is not None else {}))
+    rt = load_runtime(target, device=device, allow_pickle=allow_pickle,
+                      **({"base": base} if base is not None else {}))
     records = read_data(data, rt)
     length = int(max_length or rt.max_length)
     has_router = getattr(rt, "router", None) is not None
@@ -252,7 +253,7 @@ def evaluate_data(target: str | Path, data: str | Path, *,
                                  f"it (the data's experts: {', '.join(names)})")
         if progress:
             progress(f"expert {name} alone")
-        alone = load_runtime(path, device=device)
+        alone = load_runtime(path, device=device, allow_pickle=allow_pickle)
         if alone.classifies != rt.classifies:
             raise PolymergeError(f"--experts {name}: {path} is a "
                                  f"{'classifier' if alone.classifies else 'causal LM'}, the "

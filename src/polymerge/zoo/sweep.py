@@ -7,7 +7,8 @@ returns rows that say why, and the other cells go on. :func:`grid` lists the cel
 (static merges, SuperMerge, channel stores for K = 1..N, twin stores at several ranks, EMR and
 1bit-Merging stores, and the channel store at the Channel Merging paper's setting),
 :func:`run_cells` runs them one after the other or as Ray tasks (``ray=True``: a local Ray, or
-the cluster at ``address``), and :func:`run_sweep` writes the table and the picture.
+the cluster at ``address``, whose nodes must see the zoo cache at the same path), and
+:func:`run_sweep` writes the table and the picture.
 
 *Size* is what the artifact stores, in bytes, relative to the ensemble (N full experts), the
 experts' private parts (task heads) added to both: a checkpoint's tensors, a store's pieces

@@ -39,6 +39,10 @@ def use_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to ``threads`` (default :func:`free_cpus`); return it."""
     import torch
 
+    from polymerge.errors import PolymergeError
+
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise PolymergeError(f"--threads must be a whole number >= 1, got {threads!r}")
     n = threads if threads else free_cpus()
     torch.set_num_threads(n)
     return n
