@@ -15,8 +15,7 @@ suite's among them), whose bodies are merged while each task's own frozen head
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from polymerge.errors import CheckpointError
 from polymerge.io.heads import HeadModule, is_sequence_classifier, select_rows
-from polymerge.io.pretrained import check_folder_files, load_pretrained
+from polymerge.io.pretrained import check_folder_files, load_pretrained, quiet_loading
 from polymerge.plan import HeadSpec
 from polymerge.tuning.data import DataError, Example, TaskSpec
 from polymerge.tuning.params import Criterion
@@ -233,23 +232,6 @@ def is_causal_lm(base: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(base))
 
 
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No load reports or progress bars from transformers while the model loads."""
-    import transformers.utils.logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def make_objective(base: Path, experts: Sequence[tuple[str, Path]], tokenizer_dir: Path,
                    max_length: int | None, heads: Sequence[HeadSpec] = (), *,
                    allow_pickle: bool = False) -> Objective:
@@ -269,7 +251,7 @@ def make_objective(base: Path, experts: Sequence[tuple[str, Path]], tokenizer_di
                               "tokenizer_source") from None
     if not heads and is_causal_lm(base):
         specs = [TaskSpec(name, path) for name, path in experts]
-        with quiet_transformers():
+        with quiet_loading():
             model = load_pretrained(AutoModelForCausalLM, base, allow_pickle=allow_pickle,
                                     what="base model", dtype=torch.float32)
         return CausalLMObjective(model, specs, tokenizer, max_length or DEFAULT_MAX_LENGTH)
@@ -293,7 +275,7 @@ def make_objective(base: Path, experts: Sequence[tuple[str, Path]], tokenizer_di
 
     archs = _architectures(base)
     cls = getattr(transformers, archs[0], None) if archs else None
-    with quiet_transformers():  # the base's own class: its tensor names are the plan's
+    with quiet_loading():  # the base's own class: its tensor names are the plan's
         model = load_pretrained(cls or AutoModel, base, allow_pickle=allow_pickle,
                                 what="base model", dtype=torch.float32)
     return ClassifierObjective(model, modules, specs, tokenizer,
