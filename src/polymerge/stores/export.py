@@ -23,10 +23,9 @@ from polymerge.registry import DEFAULT_SHARD_SIZE, parse_size
 from polymerge.stores.store import Store, open_store
 
 
-def export_expert(store: Store | str | Path, expert: str, out: str | Path, *,
-                  force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
-                  dtype: str | None = None) -> Path:
-    """Write expert ``expert`` of a store as an HF checkpoint folder at ``out`` (atomically)."""
+def export_target(store: Store | str | Path, out: str | Path, *, force: bool) -> Path:
+    """The absolute output path of an export, checked: it may not be, contain or sit inside
+    the store (``--force`` would destroy it), and it must be a valid target."""
     out_path = Path(out).expanduser().absolute()
     source = Path(store.path if isinstance(store, Store) else store).expanduser().resolve()
     target = out_path.resolve()
@@ -34,6 +33,14 @@ def export_expert(store: Store | str | Path, expert: str, out: str | Path, *,
         raise PolymergeError(f"output {out} overlaps the store {source}; choose another output "
                              "folder (the store is never modified)")
     check_output_target(out_path, force=force)
+    return out_path
+
+
+def export_expert(store: Store | str | Path, expert: str, out: str | Path, *,
+                  force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                  dtype: str | None = None) -> Path:
+    """Write expert ``expert`` of a store as an HF checkpoint folder at ``out`` (atomically)."""
+    out_path = export_target(store, out, force=force)
     max_shard = parse_size(shard_size)
     loaded = store if isinstance(store, Store) else open_store(store)
     i = loaded.expert_index(expert)

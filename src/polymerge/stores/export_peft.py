@@ -46,8 +46,9 @@ from polymerge.io.checkpoint import TensorInfo
 from polymerge.io.dtypes import parse_dtype
 from polymerge.io.hf_files import write_output_extras
 from polymerge.io.pretrained import load_config
-from polymerge.io.writer import AtomicOutputDir, check_output_target
+from polymerge.io.writer import AtomicOutputDir
 from polymerge.registry import DEFAULT_SHARD_SIZE, parse_size
+from polymerge.stores.export import export_target
 from polymerge.stores.manifest import expert_part, piece_name
 from polymerge.stores.store import Store, open_store
 
@@ -188,13 +189,7 @@ def export_peft(store: Store | str | Path, out: str | Path, *, mode: str = "exac
     if mode not in PEFT_MODES:
         raise PolymergeError(f"peft export: mode must be one of {', '.join(PEFT_MODES)}, got "
                              f"{mode!r}")
-    out_path = Path(out).expanduser().absolute()
-    source = Path(store.path if isinstance(store, Store) else store).expanduser().resolve()
-    target = out_path.resolve()
-    if target == source or source in target.parents or target in source.parents:
-        raise PolymergeError(f"output {out} overlaps the store {source}; choose another output "
-                             "folder (the store is never modified)")
-    check_output_target(out_path, force=force)
+    out_path = export_target(store, out, force=force)
     loaded = store if isinstance(store, Store) else open_store(store)
     if not hasattr(loaded, "factors") or loaded.serving != "mix":
         raise PolymergeError(f"peft export takes a twin store (shared model + low-rank "
