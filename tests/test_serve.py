@@ -42,7 +42,7 @@ def _slow_checkpoint(folder: Path) -> Path:
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, pad_token_id=0, bos_token_id=None,
+                      max_position_embeddings=32768, pad_token_id=0, bos_token_id=None,
                       eos_token_id=None)
     torch.manual_seed(3)
     model = LlamaForCausalLM(cfg)
@@ -78,7 +78,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
                               cwd=cwds["chan"]),
         "cls": ServerProcess(cls, "--max-wait-ms", "50", "--base", str(bbase), cwd=cwds["cls"]),
         "slow": ServerProcess(slow, "--max-batch", "1", "--max-queue", "1", "--timeout",
-                              str(SLOW_TIMEOUT), "--max-tokens", "2000", cwd=cwds["slow"],
+                              str(SLOW_TIMEOUT), "--max-tokens", "32000", cwd=cwds["slow"],
                               key=True),
     }
     try:
@@ -411,7 +411,7 @@ def test_full_queue_and_timeout(world):
         results[name] = slow.post("/v1/completions", {"model": "slow", "prompt": "apple",
                                                       "max_tokens": tokens})
 
-    long = threading.Thread(target=ask, args=("long", 1990))
+    long = threading.Thread(target=ask, args=("long", 32000))
     long.start()
     _wait_for(lambda: slow.metric("polymerge_requests_in_flight") >= 1
               and slow.metric("polymerge_queue_rows") == 0)
@@ -424,7 +424,7 @@ def test_full_queue_and_timeout(world):
     assert full.json()["error"]["code"] == "queue_full"
     long.join(30)
     queued.join(30)
-    assert results["long"].status_code == 504  # 1990 tokens take longer than the timeout
+    assert results["long"].status_code == 504  # 32000 tokens take far longer than the timeout
     assert results["long"].json()["error"]["code"] == "timeout"
     assert results["queued"].status_code in (200, 504)
     ok = slow.post("/v1/completions", {"model": "slow", "prompt": "apple", "max_tokens": 2})
