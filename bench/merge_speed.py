@@ -8,8 +8,9 @@ What it does, in one run:
    tensor so memory stays at a few tensors;
 2. creates a virtual environment with mergekit from PyPI (``torch==2.13.0`` installed first so
    mergekit's ``torch>=2`` requirement never pulls another torch) unless ``--skip-mergekit``;
-3. for each method (linear, task_arithmetic, ties) gives both tools the same recipe
-   (``dtype: float32`` compute, ``out_dtype: bfloat16``) and times each as a subprocess under
+3. for each case (every deterministic method with ``dtype: bfloat16`` as users write it, a
+   slices recipe, and float32 variants; ``--cases``) gives both tools the same recipe and
+   times each as a subprocess under
    ``/usr/bin/time -v`` (wall, CPU, max RSS) while polling the process tree's anonymous and
    file-backed resident memory, alternating which tool goes first;
 4. times an I/O floor: a process that reads every tensor of the 5 inputs once (positional reads
@@ -27,7 +28,7 @@ otherwise warm only, and the report says which. Outputs are not fsync'ed by any 
 
 Usage::
 
-    python bench/merge_speed.py                      # 0.5 B parameters, all three methods
+    python bench/merge_speed.py                      # 0.5 B parameters, every case
     python bench/merge_speed.py --params 0.05e9      # quick check
     python bench/merge_speed.py --device cuda        # math on the GPU (both tools)
 """
@@ -55,12 +56,15 @@ N_EXPERTS = 4
 VOCAB = 32000
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "2.13.0"
-METHODS = ("linear", "task_arithmetic", "ties")
+METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
+           "nuslerp", "multislerp", "karcher", "model_stock", "sce", "ram", "ramplus_tl",
+           "arcee_fusion", "nearswap", "passthrough", "slices")
+"""Every deterministic method of mergekit 0.1.5, and a slices recipe."""
 SECTION = "## Static merge speed (bench/merge_speed.py)"
-TARGET_VS_MERGEKIT = 0.5
-TARGET_VS_FLOOR = 1.5
+TARGET_VS_MERGEKIT = 0.25
+TARGET_VS_FLOOR = {"linear": 2.0, "task_arithmetic": 2.0, "ties": 4.0}  # warm page cache
 PARITY_MAX_ULP = 1.0
-TIES_DENSITY = 0.5
+TIES_DENSITY = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,27 +287,69 @@ def _venv_version(bindir: Path, package: str) -> str:
 # Recipes
 
 
-def recipe(method: str, base: Path, experts: list[Path]) -> dict:
-    """One recipe both tools run: float32 compute, bfloat16 output."""
-    common = {"dtype": "float32", "out_dtype": "bfloat16"}
+DTYPES = {
+    "bf16": {"dtype": "bfloat16"},  # what users write: mergekit computes in bf16
+    "fp32>bf16": {"dtype": "float32", "out_dtype": "bfloat16"},  # float32 math, bf16 output
+    "fp32": {"dtype": "float32"},  # float32 math and output
+}
+DEFAULT_CASES = [f"{m}@bf16" for m in METHODS] + [
+    "linear@fp32>bf16", "task_arithmetic@fp32>bf16", "ties@fp32>bf16", "ties@fp32"]
+
+
+def _models(paths: list[Path], **params: object) -> list[dict]:
+    return [{"model": str(p), **({"parameters": dict(params)} if params else {})}
+            for p in paths]
+
+
+def recipe(case: str, base: Path, experts: list[Path]) -> dict:
+    """One recipe both tools run: ``method@dtypes`` (see ``DTYPES``), mergekit's parameter
+    names, the settings its documentation and examples use."""
+    method, _, variant = case.partition("@")
+    dtypes = DTYPES[variant or "bf16"]
+    e1, e2 = experts[0], experts[1]
+    with_base = {"base_model": str(base)}
     if method == "linear":
         weights = [0.4] + [0.15] * len(experts)
-        return {"merge_method": "linear",
-                "models": [{"model": str(m), "parameters": {"weight": w}}
-                           for m, w in zip([base, *experts], weights, strict=True)],
-                **common}
-    if method == "task_arithmetic":
+        body: dict = {"models": [{"model": str(m), "parameters": {"weight": w}}
+                                 for m, w in zip([base, *experts], weights, strict=True)]}
+    elif method == "task_arithmetic":
         weights = [1.0, 0.5, 0.75, 0.25][:len(experts)]
-        return {"merge_method": "task_arithmetic", "base_model": str(base),
-                "models": [{"model": str(m), "parameters": {"weight": w}}
-                           for m, w in zip(experts, weights, strict=True)],
-                "parameters": {"lambda": 0.8}, **common}
-    if method == "ties":
-        return {"merge_method": "ties", "base_model": str(base),
-                "models": [{"model": str(m), "parameters": {"density": TIES_DENSITY, "weight": 1.0}}
-                           for m in experts],
-                "parameters": {"normalize": True}, **common}
-    raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        body = {**with_base, "models": [{"model": str(m), "parameters": {"weight": w}}
+                                        for m, w in zip(experts, weights, strict=True)],
+                "parameters": {"lambda": 0.8}}
+    elif method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        density = TIES_DENSITY if method == "ties" else 0.9
+        body = {**with_base, "models": _models(experts, density=density, weight=1.0),
+                "parameters": {"normalize": True}}
+    elif method in ("slerp", "nearswap", "arcee_fusion"):
+        params = {"slerp": {"t": 0.5}, "nearswap": {"t": 0.001}, "arcee_fusion": {}}[method]
+        body = {**with_base, "models": _models([base, e1]), "parameters": params}
+    elif method == "nuslerp":
+        body = {"models": [{"model": str(e1), "parameters": {"weight": 0.6}},
+                           {"model": str(e2), "parameters": {"weight": 0.4}}]}
+    elif method in ("multislerp", "model_stock", "ram", "ramplus_tl"):
+        params = {"multislerp": {"weight": 1.0}}.get(method, {})
+        body = {**with_base, "models": _models(experts, **params)}
+    elif method == "karcher":
+        body = {"models": _models(experts)}
+    elif method == "sce":
+        body = {**with_base, "models": _models(experts, weight=1.0),
+                "parameters": {"select_topk": 0.5}}
+    elif method == "passthrough":
+        body = {"models": _models([e1])}
+    elif method == "slices":  # mergekit's gradient-slerp example: two models, layer by layer
+        layers = [0, arch_layers(base)]
+        return {"merge_method": "slerp", "base_model": str(base),
+                "slices": [{"sources": [{"model": str(base), "layer_range": layers},
+                                        {"model": str(e1), "layer_range": layers}]}],
+                "parameters": {"t": [0, 0.5, 0.3, 0.7, 1]}, **dtypes}
+    else:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return {"merge_method": method, **body, **dtypes}
+
+
+def arch_layers(model: Path) -> int:
+    return int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
 
 
 def write_recipe(path: Path, data: dict) -> None:
@@ -599,7 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model size in parameters (0.05e9 for a quick check)")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / "_work",
                    help="models (cached by size), mergekit venv, recipes, outputs, logs")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated merge methods")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                   help="comma-separated METHOD@DTYPES, DTYPES one of " + ", ".join(DTYPES)
+                   + " (the recipe's dtype / out_dtype)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per tool, method and cache")
     p.add_argument("--device", default="cpu",
                    help="where the math runs; passed to polymerge --device and mergekit --device")
@@ -625,10 +673,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render_from:
         return rerender(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.cases.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        name, _, variant = m.partition("@")
+        if name not in METHODS or (variant or "bf16") not in DTYPES:
+            raise SystemExit(f"unknown case {m!r}: METHOD@DTYPES with METHOD one of "
+                             f"{', '.join(METHODS)} and DTYPES one of {', '.join(DTYPES)}")
     if not Path("/usr/bin/time").exists():
         raise SystemExit("/usr/bin/time is missing: install it with `apt-get install time`")
     try:
@@ -670,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [base, *experts]
 
     def tool_cmd(tool: str, method: str) -> tuple[list[str], Path]:
-        rec = workdir / "recipes" / f"{method}.yml"
+        rec = workdir / "recipes" / f"{_file_name(method)}.yml"
         out = outs / tool
         if tool == "polymerge":
             return (polymerge_cmd() + ["merge", str(rec), "-o", str(out), "--force", "-q",
@@ -688,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = [loadavg()]
     t_start = time.perf_counter()
     for mi, method in enumerate(methods):
-        write_recipe(workdir / "recipes" / f"{method}.yml", recipe(method, base, experts))
+        write_recipe(workdir / "recipes" / f"{_file_name(method)}.yml",
+                     recipe(method, base, experts))
         for r in range(args.repeat):
             pair = ["polymerge", "mergekit"] if mk_bin is not None else ["polymerge"]
             if (mi * args.repeat + r) % 2 == 1:
@@ -705,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                         warm_cache(inputs)
                     load = loadavg()
                     loads.append(load)
-                    log = logs / f"{method}-{tool}-{cache}-{r}.log"
+                    log = logs / f"{_file_name(method)}-{tool}-{cache}-{r}.log"
                     wall, cpu, rss, anon = measure(cmd, env, log)
                     order_counter += 1
                     runs.append(Run(method, tool, cache, wall, cpu, rss, anon, load,
@@ -714,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{cpu:7.2f} s  maxRSS {rss:5.2f} GB  anon {anon:5.2f} GB  "
                           f"load {load:.2f}", flush=True)
         if mk_bin is not None:
-            ties_inputs = (base, experts, TIES_DENSITY) if method == "ties" else None
+            ties_inputs = (base, experts, TIES_DENSITY) if method.startswith("ties@") else None
             parity[method] = compare(outs / "polymerge", outs / "mergekit", ties_inputs)
             print(f"  {method}: polymerge vs mergekit {parity[method]}", flush=True)
     loads.append(loadavg())
@@ -757,6 +808,10 @@ def rerender(args: argparse.Namespace, versions_note: str = "") -> int:
     return 0
 
 
+def _file_name(case: str) -> str:
+    return case.replace("@", "-").replace(">", "-to-")
+
+
 def _now() -> str:
     return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
@@ -788,9 +843,16 @@ def render(args: argparse.Namespace, arch: Arch, caches: list[str], methods: lis
         f"hidden {arch.hidden}, intermediate {arch.intermediate}, vocab {arch.vocab}), bfloat16, "
         f"{arch.params * 2 / 1e9:.2f} GB per file; base + {N_EXPERTS} experts "
         "(base + N(0, 0.002) deltas); 5 inputs read per merge",
-        "- recipes: `dtype: float32` (compute), `out_dtype: bfloat16`; linear: 5 models, weights "
-        "0.4/0.15/0.15/0.15/0.15; task_arithmetic: weights 1/0.5/0.75/0.25, lambda 0.8; ties: "
-        "density 0.5, weight 1, normalize",
+        "- cases: METHOD@DTYPES; `bf16` is `dtype: bfloat16` (what users write: mergekit "
+        "computes in bf16, polymerge in float32 and writes bf16), `fp32>bf16` is `dtype: "
+        "float32, out_dtype: bfloat16`, `fp32` is `dtype: float32`. Recipes (bench/"
+        "merge_speed.py `recipe()`): linear over the 5 models, weights 0.4/0.15/0.15/0.15/0.15; "
+        "task_arithmetic weights 1/0.5/0.75/0.25, lambda 0.8; ties density "
+        f"{TIES_DENSITY}, breadcrumbs(_ties) density 0.9, weight 1, normalize; slerp, nearswap "
+        "(t 0.001) and arcee_fusion of base and expert 1; nuslerp of experts 1 and 2 (weights "
+        "0.6/0.4); multislerp, model_stock, sce (select_topk 0.5), ram, ramplus_tl over base + 4 "
+        "experts; karcher over the 4 experts; passthrough of expert 1; slices: mergekit's "
+        "gradient-slerp example (base and expert 1, every layer, t 0/0.5/0.3/0.7/1)",
         "- page cache: " + (
             "cold (dropped with `echo 3 > /proc/sys/vm/drop_caches` before each run; on a VM "
             "the host may still cache the disk, so cold reads vary) and warm (inputs read into "
@@ -855,13 +917,15 @@ def render(args: argparse.Namespace, arch: Arch, caches: list[str], methods: lis
                 checks = []
                 if "mergekit" in stats:
                     mw, _, mr, ma = stats["mergekit"]
-                    checks.append(("wall <= 0.5x mergekit", wall <= TARGET_VS_MERGEKIT * mw,
-                                   f"{wall / mw:.2f}x"))
+                    checks.append((f"wall <= {TARGET_VS_MERGEKIT:g}x mergekit",
+                                   wall <= TARGET_VS_MERGEKIT * mw, f"{wall / mw:.2f}x"))
                     checks.append(("peak RSS <= mergekit", rss <= mr, f"{rss:.2f} vs {mr:.2f} GB"))
                     checks.append(("peak anonymous memory <= mergekit", anon <= ma,
                                    f"{anon:.2f} vs {ma:.2f} GB"))
-                checks.append(("wall <= 1.5x I/O floor", wall <= TARGET_VS_FLOOR * floor,
-                               f"{wall / floor:.2f}x"))
+                floor_target = TARGET_VS_FLOOR.get(method.partition("@")[0])
+                if floor_target is not None and cache == "warm":
+                    checks.append((f"wall <= {floor_target:g}x I/O floor",
+                                   wall <= floor_target * floor, f"{wall / floor:.2f}x"))
                 for name, ok, value in checks:
                     verdicts.append(f"- {method}, {cache}: {name}: "
                                     f"{'met' if ok else 'MISSED'} ({value})")
@@ -891,7 +955,7 @@ def render(args: argparse.Namespace, arch: Arch, caches: list[str], methods: lis
 
 
 def _argv_for_report(args: argparse.Namespace) -> list[str]:
-    out = ["--params", f"{args.params / 1e9:g}e9", "--methods", args.methods, "--repeat",
+    out = ["--params", f"{args.params / 1e9:g}e9", "--cases", args.cases, "--repeat",
            str(args.repeat), "--device", args.device]
     if args.cache != "auto":
         out += ["--cache", args.cache]

@@ -453,8 +453,9 @@ def test_nan_produced_by_the_method(make_models, outs, monkeypatch):
         out = original.fn(base, experts, **kw)
         return out / 0 if out.dim() == 1 else out
 
-    monkeypatch.setitem(registry._REGISTRY, "task_arithmetic",
-                        registry.TensorMethod(dataclasses.replace(original, fn=fn)))
+    # The function looks at the tensor's shape, so it is not elementwise (never chunked).
+    monkeypatch.setitem(registry._REGISTRY, "task_arithmetic", registry.TensorMethod(
+        dataclasses.replace(original, fn=fn, elementwise=None)))
     expect_error(ta(ms), outs, "merged output", "norm", kind=CheckpointError)
 
 

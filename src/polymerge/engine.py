@@ -4,15 +4,27 @@ For each planned tensor the engine reads the base's and the inputs' tensors (the
 prefetched on a background thread while the current one is computed), checks them for NaN/Inf,
 moves them to the compute device in float32, calls ``compute`` and hands its result to
 ``consume``. Peak memory is a few tensors per input, never whole models.
+
+A compute that is *elementwise* (its result at each position depends only on the inputs at that
+position: linear, task arithmetic, RAM, ...) runs on chunks of the flattened tensors instead:
+each chunk of every input is converted to float32 into a reused scratch buffer small enough to
+stay in the CPU cache, computed, and cast straight into the output's dtype, on as many threads
+as torch may use. The math is the same float32 math; what goes away is converting and
+allocating whole float32 copies of every input (memory traffic, page faults), and one core
+idling. Writing the output happens on its own thread too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -20,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from polymerge.errors import CheckpointError, PolymergeError
-from polymerge.io.checkpoint import Checkpoint, TensorInfo
+from polymerge.io.checkpoint import Checkpoint, SafetensorsCheckpoint, TensorInfo
 from polymerge.io.writer import ShardedWriter
 from polymerge.plan import MergePlan, TensorJob
 
@@ -28,6 +40,14 @@ R = TypeVar("R")
 Compute = Callable[[TensorJob, "torch.Tensor | None", list[torch.Tensor], torch.Generator], R]
 Consume = Callable[[TensorJob, "R | torch.Tensor"], None]
 Pieces = dict[str, torch.Tensor]
+Chunkable = Callable[[TensorJob], bool]
+
+CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk of an elementwise compute: 1 MiB of float32 per input, so a chunk of every
+input and the temporaries stay in the CPU's caches (measured fastest of 2^12 to 2^18 for task
+arithmetic over 5 bf16 inputs: 4x faster than whole tensors on one thread)."""
+WRITES_IN_FLIGHT = 2
+"""Results queued for the writer thread before the computing thread waits (bounds memory)."""
 ComputePieces = Callable[[TensorJob, "torch.Tensor | None", list[torch.Tensor], torch.Generator],
                          "Pieces | torch.Tensor"]
 
@@ -51,6 +71,46 @@ class _Loaded(Generic[R]):
     base: torch.Tensor | None
     inputs: list[torch.Tensor]
     nbytes: int
+    unchecked: list[str] | None = None
+    """Labels of the base (if any) and inputs, in order, when their NaN/Inf check was left to
+    the chunked compute (it checks each chunk while it is in cache)."""
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    """Pooled buffers the tensors were read into; back to the pool once computed."""
+
+
+class _BufferPool:
+    """Read buffers reused from tensor to tensor for chunked jobs, whose inputs never outlive
+    the compute. Reading into memory that is already mapped skips a page fault per 4 KiB
+    (measured: a third of the read's CPU time). At most a few buffers per input are alive:
+    one a too small buffer is dropped whenever a bigger one is needed."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            sizes = [b.numel() for b in self._free]
+            fits = [i for i, size in enumerate(sizes) if size >= nbytes]
+            if fits:
+                return self._free.pop(min(fits, key=sizes.__getitem__))
+            if self._free:  # none is big enough: drop the biggest, allocate a bigger one
+                self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.extend(buffers)
+
+
+def _read_pooled(ckpt: Checkpoint, name: str, pool: _BufferPool,
+                 taken: list[torch.Tensor]) -> torch.Tensor:
+    if not isinstance(ckpt, SafetensorsCheckpoint):
+        return ckpt.read(name)
+    info = ckpt.info(name)
+    buf = pool.take(info.nbytes)
+    taken.append(buf)
+    return ckpt.read(name, out=buf[:info.nbytes].view(info.dtype))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -95,7 +155,9 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return tensor
 
 
-def _load(plan: MergePlan, job: TensorJob) -> _Loaded:
+def _load(plan: MergePlan, job: TensorJob, pool: _BufferPool | None = None) -> _Loaded:
+    """Read the job's tensors. With a ``pool`` (chunked jobs), into pooled buffers and without
+    the NaN/Inf check, which the chunked compute does."""
     if job.reader is not None:  # slices, vocabulary alignment: the job says what to read
         base, inputs = job.reader(_read)
         if not job.merge:
@@ -105,53 +167,178 @@ def _load(plan: MergePlan, job: TensorJob) -> _Loaded:
     if not job.merge:
         ref = _read(plan.reference, job.name)
         return _Loaded(job, None, [ref], ref.nbytes)
-    base = _read(plan.base, job.name) if plan.base is not None else None
-    inputs = [_read(ckpt, job.name) for ckpt in plan.inputs]
-    nbytes = sum(t.nbytes for t in inputs) + (base.nbytes if base is not None else 0)
-    return _Loaded(job, base, inputs, nbytes)
+    sources = ([plan.base] if plan.base is not None else []) + list(plan.inputs)
+    taken: list[torch.Tensor] = []
+    if pool is not None:
+        tensors = [_read_pooled(ckpt, job.name, pool, taken) for ckpt in sources]
+    else:
+        tensors = [_read(ckpt, job.name) for ckpt in sources]
+    base = tensors.pop(0) if plan.base is not None else None
+    return _Loaded(job, base, tensors, sum(t.nbytes for t in tensors) + (
+        base.nbytes if base is not None else 0),
+        unchecked=[c.label for c in sources] if pool is not None else None, buffers=taken)
 
 
-def _prefetched(plan: MergePlan, jobs: list[TensorJob]) -> Iterator[_Loaded]:
-    """Yield loaded jobs in order, reading job i+1 while the caller works on job i."""
+def _prefetched(plan: MergePlan, jobs: list[TensorJob], chunked: Chunkable = lambda job: False,
+                buffers: _BufferPool | None = None) -> Iterator[_Loaded]:
+    """Yield loaded jobs in order, reading job i+1 while the caller works on job i; jobs for
+    which ``chunked(job)`` holds are read into ``buffers``."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="polymerge-read") as pool:
-        pending: Future[_Loaded] | None = pool.submit(_load, plan, jobs[0]) if jobs else None
+
+        def load(job: TensorJob) -> Future[_Loaded]:
+            return pool.submit(_load, plan, job, buffers if chunked(job) else None)
+
+        pending: Future[_Loaded] | None = load(jobs[0]) if jobs else None
         for index in range(len(jobs)):
             assert pending is not None
             loaded = pending.result()
-            pending = pool.submit(_load, plan, jobs[index + 1]) if index + 1 < len(jobs) \
-                else None
+            pending = load(jobs[index + 1]) if index + 1 < len(jobs) else None
             yield loaded
+
+
+_scratch = threading.local()
+
+
+def _scratch_rows(rows: int) -> torch.Tensor:
+    """This thread's float32 scratch of ``rows`` chunks (allocated once, reused)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.shape[0] < rows:
+        buf = _scratch.buf = torch.empty(rows, CHUNK_ELEMENTS)
+    return buf
+
+
+def _compute_chunked(compute: Compute[torch.Tensor], loaded: _Loaded,
+                     generator: torch.Generator) -> torch.Tensor:
+    """An elementwise compute over cache-sized chunks, cast straight into the output dtype."""
+    job = loaded.job
+    has_base = loaded.base is not None
+    sources = [t.reshape(-1) for t in
+               ([loaded.base] if loaded.base is not None else []) + loaded.inputs]
+    out = torch.empty(job.out.shape, dtype=job.out.dtype)
+    flat_out = out.reshape(-1)
+    numel = flat_out.numel()
+    for begin in range(0, numel, CHUNK_ELEMENTS):
+        end = min(numel, begin + CHUNK_ELEMENTS)
+        block = _scratch_rows(len(sources))[:len(sources), :end - begin]
+        for row, source in zip(block, sources, strict=True):
+            row.copy_(source[begin:end])
+        if loaded.unchecked is not None:
+            _check_rows(block, loaded.unchecked, job.name)
+        rows = list(block)
+        base = rows.pop(0) if has_base else None
+        flat_out[begin:end].copy_(compute(job, base, rows, generator).reshape(-1))
+    return out
+
+
+def _check_rows(block: torch.Tensor, labels: list[str], name: str) -> None:
+    """``check_finite`` for one chunk of every source at once, naming the model at fault."""
+    low, high = torch.aminmax(block)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        for row, label in zip(block, labels, strict=True):
+            check_finite(row, label, name)
+
+
+def _same_sizes(loaded: _Loaded) -> bool:
+    numel = loaded.job.out.numel
+    return all(t.numel() == numel for t in loaded.inputs) and (
+        loaded.base is None or loaded.base.numel() == numel)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (the engine's own workers are the parallelism;
+    nested OpenMP teams would fight them for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
            device: str | torch.device = "cpu", progress: bool = True,
-           desc: str = "merging") -> EngineStats:
-    """Run ``compute`` on every merged tensor of the plan and ``consume`` every result.
+           desc: str = "merging", pure: bool = False,
+           chunkable: Chunkable | None = None) -> EngineStats:
+    """Run ``compute`` on every merged tensor of the plan and ``consume`` every result, in the
+    plan's order.
 
     Copied tensors (non-float buffers) go to ``consume`` unchanged, as read from the reference.
+    ``pure``: ``compute`` depends on nothing but its arguments (a static method's function), so
+    on the CPU several tensors are computed at once, one per torch thread, each single-threaded
+    (independent tensors scale better than one tensor's operations split across threads);
+    tensors in flight are bounded to the plan's largest, so peak memory stays that of one
+    tensor at a time. Jobs for which ``chunkable(job)`` holds (needs ``pure``) are computed in
+    cache-sized chunks (see the module docstring): ``compute`` must then be elementwise, and
+    what ``consume`` gets is already in the job's output dtype.
     """
     dev = resolve_device(device)
     stats = EngineStats()
     start = time.perf_counter()
+    parallel = pure and dev.type == "cpu"
+    workers = max(1, torch.get_num_threads()) if parallel else 1
+
+    def chunked(job: TensorJob) -> bool:
+        return parallel and chunkable is not None and job.merge and job.reader is None \
+            and chunkable(job)
+
+    def run(loaded: _Loaded) -> object:
+        job = loaded.job
+        if not job.merge:
+            return loaded.inputs[0]
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
+        if chunked(job) and _same_sizes(loaded):
+            return _compute_chunked(compute, loaded, generator)  # type: ignore[arg-type]
+        if loaded.unchecked is not None:
+            sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
+            for tensor, label in zip(sources, loaded.unchecked, strict=True):
+                check_finite(tensor, label, job.name)
+            loaded.buffers.clear()  # the compute may keep views of them: not reused
+        base = loaded.base.to(dev, torch.float32) if loaded.base is not None else None
+        inputs = [t.to(dev, torch.float32) for t in loaded.inputs]
+        return compute(job, base, inputs, generator)
+
+    buffers = _BufferPool()
+    budget = max((job.out.numel for job in plan.jobs), default=0)
+    in_flight: deque[tuple[_Loaded, Future[object]]] = deque()
+
+    def finish() -> None:
+        loaded, future = in_flight.popleft()
+        consume(loaded.job, future.result())  # type: ignore[arg-type]
+        buffers.give(loaded.buffers)
+        stats.tensors += 1
+        stats.bytes_read += loaded.nbytes
+        bar.update(loaded.nbytes)
+        bar.set_postfix_str(f"{stats.tensors}/{len(plan.jobs)} tensors", refresh=False)
+
+    # Every tensor makes Python objects; without this the collector walks every object the
+    # imports made, again and again (measured: 1.4 s of a 0.5 B-parameter merge).
+    gc.freeze()
     bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, unit_divisor=1000,
                desc=desc, disable=not progress, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="polymerge-compute") \
+        if workers > 1 else None
     try:
-        for loaded in _prefetched(plan, plan.jobs):
-            job = loaded.job
-            if job.merge:
-                base = loaded.base.to(dev, torch.float32) if loaded.base is not None else None
-                inputs = [t.to(dev, torch.float32) for t in loaded.inputs]
-                generator = torch.Generator(device=dev)
-                generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
-                consume(job, compute(job, base, inputs, generator))
-            else:
-                consume(job, loaded.inputs[0])
-            stats.tensors += 1
-            stats.bytes_read += loaded.nbytes
-            bar.update(loaded.nbytes)
-            bar.set_postfix_str(f"{stats.tensors}/{len(plan.jobs)} tensors", refresh=False)
+        with _torch_threads(1) if pool is not None else contextlib.nullcontext():
+            for loaded in _prefetched(plan, plan.jobs, chunked, buffers):
+                if pool is None:
+                    done: Future[object] = Future()
+                    done.set_result(run(loaded))
+                    in_flight.append((loaded, done))
+                    finish()
+                    continue
+                while in_flight and (len(in_flight) >= workers or loaded.job.out.numel + sum(
+                        lo.job.out.numel for lo, _ in in_flight) > budget):
+                    finish()
+                in_flight.append((loaded, pool.submit(run, loaded)))
+            while in_flight:
+                finish()
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+        gc.unfreeze()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -161,8 +348,8 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
                  copied_name: Callable[[str], str] = lambda name: name,
                  finalize: Callable[[], Pieces] | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
-                 desc: str = "merging", what: str = "merged output"
-                 ) -> tuple[EngineStats, list[str]]:
+                 desc: str = "merging", what: str = "merged output", pure: bool = False,
+                 chunkable: Chunkable | None = None) -> tuple[EngineStats, list[str]]:
     """The one output path: stream the plan through ``compute`` into sharded safetensors.
 
     ``compute`` returns one tensor (written under the job's name) or named pieces; ``outputs``
@@ -171,21 +358,29 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
     called after the last tensor, returns pieces that need the whole model (statistics over
     every tensor, such as EMR's rescalers); they must be announced in ``outputs`` too. Each
     tensor is cast to its announced dtype and checked for NaN/Inf *after* the cast, so an
-    overflow in a narrower output dtype stops the run too. On any failure the shards are
-    closed and the caller's atomic folder is discarded.
+    overflow in a narrower output dtype stops the run too; checking and writing run on a
+    thread of their own, a bounded number of tensors behind the computing. ``pure`` and
+    ``chunkable``: see :func:`stream`. On any failure the shards are closed and the caller's
+    atomic folder is discarded.
     Returns the pass's statistics and the written file names.
     """
     expected = {info.name: info for info in outputs}
     writer = ShardedWriter(folder, outputs, max_shard_bytes, metadata=metadata)
+    writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polymerge-write")
+    writes: deque[Future[None]] = deque()
+
+    def check_and_write(name: str, out: torch.Tensor) -> None:
+        check_finite(out, what, name)
+        writer.write(name, out)
 
     def put(pieces: Pieces) -> None:
         for name, tensor in pieces.items():
             info = expected.get(name)
             if info is None:
                 raise PolymergeError(f"internal: {name!r} was computed but not planned")
-            out = tensor.to(info.dtype)
-            check_finite(out, what, name)
-            writer.write(name, out)
+            writes.append(writing.submit(check_and_write, name, tensor.to(info.dtype)))
+            while len(writes) > WRITES_IN_FLIGHT:
+                writes.popleft().result()
 
     def consume(job: TensorJob, result: Pieces | torch.Tensor) -> None:
         if not job.merge:
@@ -194,12 +389,17 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
             put({job.name: result} if isinstance(result, torch.Tensor) else result)
 
     try:
-        stats = stream(plan, compute, consume, device=device, progress=progress, desc=desc)
+        stats = stream(plan, compute, consume, device=device, progress=progress, desc=desc,
+                       pure=pure, chunkable=chunkable)
         if finalize is not None:
             put(finalize())
+        while writes:
+            writes.popleft().result()
     except BaseException:
+        writing.shutdown(wait=True, cancel_futures=True)
         writer.abort()
         raise
+    writing.shutdown(wait=True)
     writer.close()
     return stats, list(writer.file_names)
 

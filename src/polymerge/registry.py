@@ -129,7 +129,8 @@ class TensorMethod(Method):
         write_folder(plan, folder, compute, [job.out for job in plan.jobs],
                      max_shard_bytes=options.shard_size,
                      metadata={"polymerge_method": self.name}, device=options.device,
-                     progress=options.progress)
+                     progress=options.progress, pure=True,
+                     chunkable=lambda job: self.method.is_elementwise(job.params))
         write_plan_extras(plan, folder, description=self.description)
 
 

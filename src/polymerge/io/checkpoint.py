@@ -307,7 +307,16 @@ class SafetensorsCheckpoint:
     def tensors(self) -> dict[str, TensorInfo]:
         return {name: info for name, (info, _, _) in self._tensor_layout().items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def info(self, name: str) -> TensorInfo:
+        """One tensor's dtype and shape (``tensors()[name]`` without building the dict)."""
+        try:
+            return self._tensor_layout()[name][0]
+        except KeyError:
+            raise CheckpointError(f"{self.label}: no tensor named {name!r}") from None
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``; read into ``out`` (a contiguous buffer of the tensor's dtype and
+        number of elements, reused by the caller to skip page faults) when given."""
         try:
             info, begin, end = self._tensor_layout()[name]
         except KeyError:
@@ -321,7 +330,14 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{self.label}: cannot read {shard} "
                                       f"({exc.strerror or exc})") from None
             self._fds[shard] = fd
-        out = torch.empty(info.shape, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or out.numel() != info.numel or not out.is_contiguous():
+            raise CheckpointError(f"internal: buffer for {name!r} is {out.dtype} with "
+                                  f"{out.numel()} elements, the tensor {info.dtype} with "
+                                  f"{info.numel}")
+        else:
+            out = out.view(info.shape)
         buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < end - begin:

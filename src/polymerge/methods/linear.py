@@ -63,6 +63,7 @@ LINEAR = MergeMethod(
     min_experts=1,
     check_params=check_linear_params,
     reference="https://arxiv.org/abs/2203.05482",
+    elementwise=lambda params: True,
 )
 
 METHODS = (LINEAR,)

@@ -49,6 +49,7 @@ NEARSWAP = MergeMethod(
     min_experts=1,
     max_experts=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    elementwise=lambda params: True,
 )
 
 METHODS = (NEARSWAP,)

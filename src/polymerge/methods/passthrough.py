@@ -47,6 +47,7 @@ PASSTHROUGH = MergeMethod(
     min_experts=1,
     max_experts=1,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    elementwise=lambda params: True,
 )
 
 METHODS = (PASSTHROUGH,)

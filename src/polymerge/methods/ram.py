@@ -87,6 +87,7 @@ RAM = MergeMethod(
     base_policy="required",
     min_experts=1,
     reference="https://arxiv.org/abs/2601.13572",
+    elementwise=lambda params: True,
 )
 
 RAMPLUS_TL = MergeMethod(

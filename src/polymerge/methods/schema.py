@@ -120,6 +120,14 @@ class MergeMethod(Schema):
     fn: MethodFn
     random: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    elementwise: Callable[[dict[str, Any]], bool] | None = None
+    """With a tensor's resolved parameters, whether ``fn`` is elementwise for it: its result at
+    each position depends only on the inputs at that position, so the engine may run it on
+    chunks of the flattened tensors (faster, less memory). Never true for a random method (its
+    draws would depend on the chunking)."""
+
+    def is_elementwise(self, params: dict[str, Any]) -> bool:
+        return self.elementwise is not None and not self.random and self.elementwise(params)
 
 
 def with_defaults(params: tuple[Param, ...], **defaults: Any) -> tuple[Param, ...]:

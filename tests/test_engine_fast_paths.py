@@ -1,0 +1,142 @@
+"""The engine's fast paths give exactly what the plain per-tensor loop gives.
+
+Elementwise methods run on cache-sized chunks of the flattened tensors, several tensors are
+computed at once, reads go into reused buffers, writes happen on their own thread, and TIES's
+top-k threshold comes from a radix select. Each is checked here against an independent
+computation: the method's function called once on whole float32 tensors (or a sort, for the
+threshold), with bf16 inputs and a chunk size small enough that every tensor spans chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_state
+
+import polymerge
+from polymerge import engine
+from polymerge.errors import CheckpointError
+from polymerge.methods.sparsify import kth_largest_magnitude
+from polymerge.registry import get_tensor_method
+
+CHUNK = 97  # prime, and smaller than every weight: chunk boundaries land mid-row
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", CHUNK)
+
+
+def _recipe(method: str, ms, **params) -> dict:
+    models = [{"model": str(e), "parameters": {"weight": w}}
+              for e, w in zip(ms.experts, (0.7, -0.2, 0.5), strict=False)]
+    recipe = {"merge_method": method, "models": models, "dtype": "bfloat16"}
+    if method in ("task_arithmetic", "ties", "ram", "nearswap"):
+        recipe["base_model"] = str(ms.base)
+    if method in ("ram", "nearswap"):
+        recipe["models"] = [{"model": m["model"]} for m in models]
+    if method == "nearswap":
+        recipe["models"] = recipe["models"][:1]
+    if method == "passthrough":
+        recipe["models"] = [{"model": str(ms.experts[0]), "parameters": {"scale": 0.5}}]
+    recipe["parameters"] = params
+    return recipe
+
+
+def _expected(method: str, ms, recipe: dict) -> dict[str, torch.Tensor]:
+    """The method's own function on whole float32 tensors, cast to bf16 like the output."""
+    fn = get_tensor_method(method).fn
+    base = load_state(ms.base)
+    experts = [load_state(m["model"]) for m in recipe["models"]]
+    per_model = {k: [m.get("parameters", {}).get(k) for m in recipe["models"]]
+                 for k in ("weight", "scale") if any(k in m.get("parameters", {})
+                                                     for m in recipe["models"])}
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        xs = [e[name].float() for e in experts]
+        out[name] = fn(b.float(), xs, **per_model, **recipe["parameters"]).to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("linear", {}), ("task_arithmetic", {"lambda": 0.8}),
+    ("ties", {"normalize": True}),  # density 1: the sign election alone, elementwise
+    ("ram", {}), ("nearswap", {"t": 0.01}), ("passthrough", {}),
+])
+def test_chunked_merge_equals_the_function_on_whole_tensors(make_models, outs, small_chunks,
+                                                           method, params):
+    ms = make_models("llama", 3, dtype=torch.bfloat16)
+    recipe = _recipe(method, ms, **params)
+    method_entry = get_tensor_method(method)
+    assert method_entry.is_elementwise({**params, "density": [1.0] * 3})
+    got = load_state(polymerge.merge(recipe, outs / method, progress=False))
+    expected = _expected(method, ms, recipe)
+    assert set(expected) <= set(got)
+    for name, tensor in expected.items():
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], tensor), name
+
+
+def test_sparsified_and_random_methods_are_not_chunked():
+    assert not get_tensor_method("ties").is_elementwise({"density": [1.0, 0.5]})
+    assert get_tensor_method("ties").is_elementwise({"density": [1.0, 1.0]})
+    assert not get_tensor_method("dare_linear").is_elementwise({"density": [1.0]})  # random
+    assert not get_tensor_method("slerp").is_elementwise({"t": 0.5})
+
+
+def test_parallel_tensors_give_the_sequential_result(make_models, outs):
+    """A non-elementwise method (TIES with density) run with 2 workers and with 1."""
+    ms = make_models("llama", 3, dtype=torch.bfloat16)
+    recipe = {"merge_method": "ties", "base_model": str(ms.base),
+              "models": [{"model": str(e), "parameters": {"density": 0.4, "weight": 1.0}}
+                         for e in ms.experts], "dtype": "bfloat16"}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = load_state(polymerge.merge(recipe, outs / "two", progress=False))
+        torch.set_num_threads(1)
+        one = load_state(polymerge.merge(recipe, outs / "one", progress=False))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    assert two.keys() == one.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+
+
+def test_nan_in_a_chunk_names_the_model(make_models, outs, small_chunks):
+    from test_validation import variant
+
+    ms = make_models("llama", 2)
+
+    def poison(state: dict[str, torch.Tensor]) -> None:
+        w = state["model.layers.0.mlp.up_proj.weight"]
+        w.view(-1)[CHUNK * 2 + 5] = float("nan")  # inside the third chunk
+
+    bad = variant(ms, "poisoned", poison)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(ms.base),
+              "models": [{"model": str(ms.experts[0])}, {"model": str(bad)}]}
+    with pytest.raises(CheckpointError, match="poisoned.*up_proj.*NaN or Inf"):
+        polymerge.merge(recipe, outs / "nan", progress=False)
+    assert not (outs / "nan").exists()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "bf16 deltas", "few values", "huge range", "zeros"])
+def test_radix_select_equals_a_sort(kind):
+    gen = torch.Generator().manual_seed(7)
+    n = 5003
+    a = {
+        "uniform": torch.rand(n, generator=gen),
+        "bf16 deltas": ((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16).float()
+                        - torch.randn(n, generator=gen).to(torch.bfloat16).float() * 0.02
+                        ).abs(),
+        "few values": torch.randint(0, 4, (n,), generator=gen).float() * 0.25,
+        "huge range": torch.rand(n, generator=gen)
+        * torch.tensor(10.0) ** torch.randint(-38, 38, (n,), generator=gen),
+        "zeros": torch.zeros(n),
+    }[kind]
+    ranked = sorted(a.tolist(), reverse=True)
+    for k in (1, 2, n // 3, n // 2, n - 1, n):
+        assert kth_largest_magnitude(a, k).item() == ranked[k - 1], (kind, k)
