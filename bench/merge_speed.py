@@ -658,6 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time polymerge and the I/O floor only")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "merge_speed.md",
                    help="markdown file written with the results ('-' to not write one)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where the raw numbers go, after every case (default: "
+                        "WORKDIR/last_run.json)")
     p.add_argument("--io-floor", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--render-from", type=Path, metavar="JSON",
                    help="re-render the report from a saved last_run.json, running nothing")
@@ -688,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir: Path = args.workdir.expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    args.json = args.json or workdir / "last_run.json"
     arch = arch_for(args.params)
     model_bytes = arch.params * 2
     models_root = workdir / models_dirname(args.params)
@@ -737,6 +741,15 @@ def main(argv: list[str] | None = None) -> int:
     order_counter = 0
     loads = [loadavg()]
     t_start = time.perf_counter()
+    def save_run(elapsed: float) -> None:
+        """The numbers so far (after every case: a long run stopped early keeps them)."""
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(
+            {"runs": [asdict(r) for r in runs], "parity": parity, "loads": loads,
+             "elapsed": elapsed, "caches": caches,
+             "methods": list(dict.fromkeys(r.method for r in runs)),
+             "argv": _argv_for_report(args), "date": _now()}, indent=1, default=str))
+
     for mi, method in enumerate(methods):
         write_recipe(workdir / "recipes" / f"{_file_name(method)}.yml",
                      recipe(method, base, experts))
@@ -768,13 +781,10 @@ def main(argv: list[str] | None = None) -> int:
             ties_inputs = (base, experts, TIES_DENSITY) if method.startswith("ties@") else None
             parity[method] = compare(outs / "polymerge", outs / "mergekit", ties_inputs)
             print(f"  {method}: polymerge vs mergekit {parity[method]}", flush=True)
+        save_run(time.perf_counter() - t_start)
     loads.append(loadavg())
     elapsed = time.perf_counter() - t_start
-
-    (workdir / "last_run.json").write_text(json.dumps(
-        {"runs": [asdict(r) for r in runs], "parity": parity, "loads": loads,
-         "elapsed": elapsed, "caches": caches, "methods": methods,
-         "argv": _argv_for_report(args), "date": _now()}, indent=1, default=str))
+    save_run(elapsed)
     report = render(args, arch, caches, methods, runs, parity, loads, elapsed, mk_bin)
     print()
     print(report)

@@ -16,6 +16,7 @@ from conftest import load_state
 import polymerge
 from polymerge import engine
 from polymerge.errors import CheckpointError
+from polymerge.methods import sparsify
 from polymerge.methods.sparsify import kth_largest_magnitude
 from polymerge.registry import get_tensor_method
 
@@ -123,8 +124,30 @@ def test_nan_in_a_chunk_names_the_model(make_models, outs, small_chunks):
     assert not (outs / "nan").exists()
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "task_arithmetic"])
+def test_inputs_handed_over_as_stored_give_the_float32_result(make_models, outs, method):
+    """The task-arithmetic family converts its bf16 inputs itself, one at a time; the result is
+    the function's on whole float32 tensors (not elementwise here: density 0.4)."""
+    ms = make_models("llama", 3, dtype=torch.bfloat16)
+    assert get_tensor_method(method).converts_inputs
+    params = {"density": 0.4} if method != "task_arithmetic" else {}
+    recipe = {"merge_method": method, "base_model": str(ms.base), "dtype": "float32",
+              "models": [{"model": str(e), "parameters": {"weight": 1.0, **params}}
+                         for e in ms.experts]}
+    got = load_state(polymerge.merge(recipe, outs / method, progress=False))
+    fn = get_tensor_method(method).fn
+    base = load_state(ms.base)
+    experts = [load_state(e) for e in ms.experts]
+    per_model = {"weight": [1.0] * 3, **{k: [v] * 3 for k, v in params.items()}}
+    for name, b in base.items():
+        expected = fn(b.float(), [e[name].float() for e in experts], **per_model)
+        assert torch.equal(got[name], expected), name
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 18])
 @pytest.mark.parametrize("kind", ["uniform", "bf16 deltas", "few values", "huge range", "zeros"])
-def test_radix_select_equals_a_sort(kind):
+def test_radix_select_equals_a_sort(kind, chunk, monkeypatch):
+    monkeypatch.setattr(sparsify, "_RADIX_CHUNK", chunk)  # histograms summed over chunks
     gen = torch.Generator().manual_seed(7)
     n = 5003
     a = {

@@ -202,7 +202,7 @@ _scratch = threading.local()
 def _scratch_rows(rows: int) -> torch.Tensor:
     """This thread's float32 scratch of ``rows`` chunks (allocated once, reused)."""
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.shape[0] < rows:
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != CHUNK_ELEMENTS:
         buf = _scratch.buf = torch.empty(rows, CHUNK_ELEMENTS)
     return buf
 
@@ -259,7 +259,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
            device: str | torch.device = "cpu", progress: bool = True,
            desc: str = "merging", pure: bool = False,
-           chunkable: Chunkable | None = None) -> EngineStats:
+           chunkable: Chunkable | None = None, native_inputs: bool = False) -> EngineStats:
     """Run ``compute`` on every merged tensor of the plan and ``consume`` every result, in the
     plan's order.
 
@@ -270,7 +270,9 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     tensors in flight are bounded to the plan's largest, so peak memory stays that of one
     tensor at a time. Jobs for which ``chunkable(job)`` holds (needs ``pure``) are computed in
     cache-sized chunks (see the module docstring): ``compute`` must then be elementwise, and
-    what ``consume`` gets is already in the job's output dtype.
+    what ``consume`` gets is already in the job's output dtype. ``native_inputs``: the inputs
+    (not the base) reach ``compute`` in their stored dtype, for a compute that converts them
+    one at a time itself.
     """
     dev = resolve_device(device)
     stats = EngineStats()
@@ -296,7 +298,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
                 check_finite(tensor, label, job.name)
             loaded.buffers.clear()  # the compute may keep views of them: not reused
         base = loaded.base.to(dev, torch.float32) if loaded.base is not None else None
-        inputs = [t.to(dev, torch.float32) for t in loaded.inputs]
+        inputs = [t.to(dev, None if native_inputs else torch.float32) for t in loaded.inputs]
         return compute(job, base, inputs, generator)
 
     buffers = _BufferPool()
@@ -349,7 +351,8 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
                  finalize: Callable[[], Pieces] | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  desc: str = "merging", what: str = "merged output", pure: bool = False,
-                 chunkable: Chunkable | None = None) -> tuple[EngineStats, list[str]]:
+                 chunkable: Chunkable | None = None, native_inputs: bool = False
+                 ) -> tuple[EngineStats, list[str]]:
     """The one output path: stream the plan through ``compute`` into sharded safetensors.
 
     ``compute`` returns one tensor (written under the job's name) or named pieces; ``outputs``
@@ -359,9 +362,9 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
     every tensor, such as EMR's rescalers); they must be announced in ``outputs`` too. Each
     tensor is cast to its announced dtype and checked for NaN/Inf *after* the cast, so an
     overflow in a narrower output dtype stops the run too; checking and writing run on a
-    thread of their own, a bounded number of tensors behind the computing. ``pure`` and
-    ``chunkable``: see :func:`stream`. On any failure the shards are closed and the caller's
-    atomic folder is discarded.
+    thread of their own, a bounded number of tensors behind the computing. ``pure``,
+    ``chunkable`` and ``native_inputs``: see :func:`stream`. On any failure the shards are
+    closed and the caller's atomic folder is discarded.
     Returns the pass's statistics and the written file names.
     """
     expected = {info.name: info for info in outputs}
@@ -390,7 +393,7 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
 
     try:
         stats = stream(plan, compute, consume, device=device, progress=progress, desc=desc,
-                       pure=pure, chunkable=chunkable)
+                       pure=pure, chunkable=chunkable, native_inputs=native_inputs)
         if finalize is not None:
             put(finalize())
         while writes:

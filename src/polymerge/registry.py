@@ -130,7 +130,8 @@ class TensorMethod(Method):
                      max_shard_bytes=options.shard_size,
                      metadata={"polymerge_method": self.name}, device=options.device,
                      progress=options.progress, pure=True,
-                     chunkable=lambda job: self.method.is_elementwise(job.params))
+                     chunkable=lambda job: self.method.is_elementwise(job.params),
+                     native_inputs=self.method.converts_inputs)
         write_plan_extras(plan, folder, description=self.description)
 
 

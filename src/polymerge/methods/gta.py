@@ -226,6 +226,7 @@ def make_gta_method(
         min_experts=1,
         random=random,
         elementwise=elementwise,
+        converts_inputs=True,
         reference=reference,
         extra={"sparsification": None if sparsification is None else sparsification.value,
                "consensus": "sum" if consensus else None},

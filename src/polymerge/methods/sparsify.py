@@ -57,6 +57,7 @@ def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 
 
 _HALF = 1 << 16
+_RADIX_CHUNK = 1 << 18
 
 
 def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,14 +71,20 @@ def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
     if a.device.type != "cpu":
         return torch.kthvalue(a, a.numel() - k + 1).values
     bits = a.contiguous().view(torch.int32)
-    high = bits >> 16
-    # above[j]: how many entries have upper bits >= (2^15 - 1 - j).
-    above = torch.bincount(high, minlength=_HALF // 2).flip(0).cumsum(0)
+    # above[j]: how many entries have upper bits >= (2^15 - 1 - j). Histograms are summed over
+    # chunks, so the temporaries stay small and in cache.
+    counts = torch.zeros(_HALF // 2, dtype=torch.int64)
+    for chunk in bits.split(_RADIX_CHUNK):
+        counts += torch.bincount(chunk >> 16, minlength=_HALF // 2)
+    above = counts.flip(0).cumsum(0)
     j = int(torch.searchsorted(above, k))
     bucket = _HALF // 2 - 1 - j
     before = int(above[j - 1]) if j > 0 else 0
-    low = torch.where(high == bucket, bits & (_HALF - 1), _HALF)
-    above_low = torch.bincount(low, minlength=_HALF + 1)[:_HALF].flip(0).cumsum(0)
+    counts_low = torch.zeros(_HALF + 1, dtype=torch.int64)
+    for chunk in bits.split(_RADIX_CHUNK):
+        low = torch.where((chunk >> 16) == bucket, chunk & (_HALF - 1), _HALF)
+        counts_low += torch.bincount(low, minlength=_HALF + 1)
+    above_low = counts_low[:_HALF].flip(0).cumsum(0)
     j_low = int(torch.searchsorted(above_low, k - before))
     value = (bucket << 16) | (_HALF - 1 - j_low)
     return torch.tensor(value, dtype=torch.int32).view(torch.float32)
