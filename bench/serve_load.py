@@ -11,11 +11,11 @@ What it does, in one run (nothing is downloaded):
    * ``cls``: the zoo's real classification experts (6 MiniLM fine-tunes, built by ``polymerge
      zoo build cls`` under the zoo cache), routers trained on the suite's validation texts;
      requests are ``/v1/classify`` of the suite's test texts;
-   * ``gen``: the zoo's gen suite needs LoRA training on Debian's texts; instead, the packaged
-     SmolLM2-135M (converted from its GGUF, cut to ``--gen-layers`` layers, float32) and 4
-     synthetic experts (base + seeded deltas of 1% of each tensor's spread, two families), no
-     router; requests are ``/v1/completions`` of ``--gen-tokens`` greedy tokens. Timing does not
-     depend on what the experts learned;
+   * ``gen``: the zoo's gen suite (4 LoRA experts of the 30-layer model) is too slow for a
+     load test on 2 cores; instead, the packaged SmolLM2-135M (converted from its GGUF, cut
+     to ``--gen-layers`` layers, float32) and 4 synthetic experts (base + seeded deltas of 1%
+     of each tensor's spread, two families), no router; requests are ``/v1/completions`` of
+     ``--gen-tokens`` greedy tokens. Timing does not depend on what the experts learned;
 
 2. for each suite and each target, starts ``polymerge serve`` on a free loopback port
    (``--threads 1``) and runs a closed-loop load generator with 1, 8, 32 and 64 clients
@@ -33,13 +33,19 @@ What it does, in one run (nothing is downloaded):
    generation of ``--gen-tokens`` tokens (gen), for the twin store (one-hot rows: the grouped
    path; and the router-like dense softmax weights) and the channel store (gathered and
    switched), with the cost rule's choice;
-6. writes a markdown report with the date, machine, load and exact command to
+6. with ``--soak-seconds S``: one server (``--soak-suite``, ``--soak-store``) under
+   ``--soak-clients`` closed-loop clients for S seconds, its resident memory sampled every
+   ``--soak-interval`` seconds: start, end, min, max, peak (VmHWM) and the least-squares slope
+   over the whole run and over its second half (flat: the second half grows by less than 1% of
+   the resident memory);
+7. writes a markdown report with the date, machine, load and exact command to
    ``bench/results/serve_load.md`` (``--out``).
 
 Usage::
 
     python bench/serve_load.py                       # both suites, about 10 minutes
     python bench/serve_load.py --suites cls --seconds 4 --clients 1 32
+    python bench/serve_load.py --suites --soak-seconds 600   # the 10-minute soak alone
 """
 
 from __future__ import annotations
@@ -149,8 +155,9 @@ def gen_suite(work: Path, layers: int) -> dict[str, Any]:
     return {"name": "gen", "base": base, "experts": experts, "names": names, "stores": stores,
             "texts": prompts, "endpoint": "/v1/completions",
             "describe": f"SmolLM2-135M cut to {layers} layers ({params / 1e6:.1f}M parameters, "
-                        "float32) and 4 synthetic experts (the zoo's gen suite is not built "
-                        "here: it needs LoRA training on Debian's texts)"}
+                        "float32) and 4 synthetic experts (the zoo's gen suite, 4 LoRA experts "
+                        "of the whole 30-layer model, is too slow for a load test on 2 "
+                        "cores; timing does not depend on what the experts learned)"}
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -311,6 +318,51 @@ def run_target(label: str, server: Server, suite: dict[str, Any], levels: list[i
     return rows
 
 
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB) points, in MB per minute."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    var = sum((t - mx) ** 2 for t, _ in points)
+    return 60.0 * sum((t - mx) * (v - my) for t, v in points) / var if var else 0.0
+
+
+def soak(server: Server, suite: dict[str, Any], clients: int, seconds: float, interval: float,
+         gen_tokens: int) -> dict[str, Any]:
+    """A closed loop of ``clients`` for ``seconds``, the server's RSS sampled every
+    ``interval`` seconds."""
+    load(server, suite, 2, 2.0, gen_tokens)  # warm-up
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+    start = time.monotonic()
+
+    def sample() -> None:
+        while True:
+            samples.append((time.monotonic() - start, server.rss()[0]))
+            if done.wait(interval):
+                return
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        r = load(server, suite, clients, seconds, gen_tokens)
+    finally:
+        done.set()
+        sampler.join()
+    samples.append((time.monotonic() - start, server.rss()[0]))
+    half = [p for p in samples if p[0] >= samples[-1][0] / 2]
+    values = [v for _, v in samples]
+    second = _slope(half)
+    growth = second * (half[-1][0] - half[0][0]) / 60.0
+    r.update(samples=samples, rss_start=values[0], rss_end=values[-1], rss_min=min(values),
+             rss_max=max(values), slope=_slope(samples), slope_second_half=second,
+             growth_second_half=growth, flat=growth < 0.01 * statistics.mean(values),
+             load_end=", ".join(f"{x:.1f}" for x in os.getloadavg()))
+    return r
+
+
 # ----------------------------------------------------------------------------- memory and cost
 
 
@@ -334,14 +386,65 @@ def experts_rss(experts: list[Path]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _median_time(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, float]:
+    """The median time of each run, the runs taken in turn ``repeats`` times after one warm-up
+    round (on a shared machine a slow spell then hits every run alike, not one)."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def batching_ceiling(suite: dict[str, Any], repeats: int, gen_tokens: int) -> dict[str, Any]:
+    """What batching can give at most, in one process on one torch thread, no HTTP: the time
+    to answer the 32 requests of one round of the load (the same texts and experts) one by one
+    and as one batch (a forward batch cut by length as the server cuts it), for the plain
+    model and both stores."""
+    import polymerge
+    from polymerge.runtime import load_runtime
+    from polymerge.serve.engine import chunks
+
+    torch.set_num_threads(1)
+    names, texts = suite["names"], suite["texts"]
+    reqs = [(names[i % len(names)], texts[names[i % len(names)]][(i // len(names))
+                                                                % len(texts[names[0]])])
+            for i in range(32)]
+    rts = {"plain base model": load_runtime(suite["base"]),
+           "twin store": polymerge.load_store(suite["stores"]["twin"]),
+           "channel store": polymerge.load_store(suite["stores"]["channel"],
+                                                 base=suite["base"])}
+    runs: dict[str, Any] = {}
+    for label, rt in rts.items():
+        expert = (lambda e, rt=rt: rt.experts[0]) if label.startswith("plain") else \
+            (lambda e: e)
+        if suite["name"] == "cls":
+            lengths = [len(rt.tokenizers.encode([t])["input_ids"][0]) for _, t in reqs]
+
+            def single(rt: Any = rt, expert: Any = expert) -> None:
+                for e, t in reqs:
+                    rt.forward([t], expert(e), batch_size=1)
+
+            def batched(rt: Any = rt, expert: Any = expert, lengths: list[int] = lengths
+                        ) -> None:
+                for part in chunks(lengths):
+                    rt.forward([reqs[i][1] for i in part], [expert(reqs[i][0]) for i in part],
+                               batch_size=len(part))
+        else:
+            def single(rt: Any = rt, expert: Any = expert) -> None:
+                for e, t in reqs:
+                    rt.generate([t], expert(e), batch_size=1, max_new_tokens=gen_tokens)
+
+            def batched(rt: Any = rt, expert: Any = expert) -> None:
+                rt.generate([t for _, t in reqs], [expert(e) for e, _ in reqs], batch_size=32,
+                            max_new_tokens=gen_tokens)
+        runs[f"{label}, one by one"] = single
+        runs[f"{label}, one batch"] = batched
+    return _interleaved(runs, repeats)
 
 
 def mixed_batch_cost(suite: dict[str, Any], repeats: int, gen_tokens: int) -> dict[str, Any]:
@@ -390,7 +493,7 @@ def mixed_batch_cost(suite: dict[str, Any], repeats: int, gen_tokens: int) -> di
         length = plain.tokenizers.encode(texts, left=True)["input_ids"].shape[1]
         out["rule"] = chan.choose_path(w, length + gen_tokens, 1 + gen_tokens, "auto")
         out["what"] = f"generating {gen_tokens} tokens for 32 rows (greedy, one call)"
-    out["times"] = {k: _median_time(fn, repeats) for k, fn in runs.items()}
+    out["times"] = _interleaved(runs, repeats)
     return out
 
 
@@ -422,8 +525,12 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
              "time (`--max-batch 1`); the load generator runs in another process on the same 2 "
              "cores (closed loop: each client sends its next request when the last is "
              f"answered), {args.seconds:g} s per level after a warm-up, requests naming the "
-             "experts round robin. A short run, not the 10-minute soak the issue asks for: RSS "
-             "is shown after each level.", ""]
+             "experts round robin. RSS is shown after each level"
+             + (f"; the soak below runs one server for {args.soak_seconds:g} s."
+                if args.soak_seconds > 0 else " (a short run, not a soak).")
+             + " The model thread waits for the rows a batch answered to come back before "
+             "starting a smaller batch (at most a quarter of a batch's time), and cuts a "
+             "forward batch by length.", ""]
     for res in results:
         suite = res["suite"]
         lines += [f"### {suite['name']}: {suite['describe']}", ""]
@@ -467,6 +574,18 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
                      + "; ".join(f"{t} server {v:.0f} MB" for t, v in rss.items())
                      + ". RSS across the levels (min-max): "
                      + "; ".join(f"{t} {a:.0f}-{b:.0f} MB" for t, (a, b) in drift.items()) + ".")
+        ceiling = res.get("ceiling")
+        if ceiling:
+            lines += ["", "What batching can give at most: the 32 requests of one round of the "
+                          "load (the same inputs and experts) answered in one process on one "
+                          "torch thread, no HTTP, one by one and as one batch (a forward batch "
+                          f"cut by length as the server cuts it), median of {args.repeats}:",
+                      "", "| target | one by one | one batch | ratio |",
+                      "| :-- | --: | --: | --: |"]
+            for label in ("plain base model", "twin store", "channel store"):
+                one, batch = ceiling[f"{label}, one by one"], ceiling[f"{label}, one batch"]
+                lines.append(f"| {label} | {one * 1000:.0f} ms | {batch * 1000:.0f} ms | "
+                             f"{one / batch:.1f}x |")
         cost = res.get("cost")
         if cost:
             t = cost["times"]
@@ -490,9 +609,37 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
     return "\n".join(lines) + "\n"
 
 
+def soak_report(args: argparse.Namespace, r: dict[str, Any], suite: dict[str, Any],
+                load_start: str) -> list[str]:
+    kind = "generation" if suite["name"] == "gen" else "classification"
+    lines = [f"### Soak: the {suite['name']} {args.soak_store} store under "
+             f"{args.soak_clients} clients for {args.soak_seconds:g} s", "",
+             f"`polymerge serve` as above (`--max-batch {args.max_batch} --max-wait-ms "
+             f"{args.max_wait_ms:g} --threads 1`), {suite['describe']}, {kind} requests as "
+             f"above; resident memory sampled every {args.soak_interval:g} s "
+             f"({len(r['samples'])} samples); load average {load_start} at the start, "
+             f"{r['load_end']} at the end.", "",
+             "| requests | req/s | p50 | p99 | errors | RSS start | RSS end | RSS min-max | "
+             "peak (VmHWM) | slope, whole run | slope, second half |",
+             "| --: | --: | --: | --: | --: | --: | --: | :-- | --: | --: | --: |",
+             f"| {r['requests']} | {r['rps']:.1f} | {r['p50'] * 1000:.0f} ms | "
+             f"{r['p99'] * 1000:.0f} ms | {r['errors']} | {r['rss_start']:.0f} MB | "
+             f"{r['rss_end']:.0f} MB | {r['rss_min']:.0f}-{r['rss_max']:.0f} MB | "
+             f"{r['peak']:.0f} MB | {r['slope']:+.2f} MB/min | "
+             f"{r['slope_second_half']:+.2f} MB/min |", "",
+             "RSS over time (s: MB): " + ", ".join(
+                 f"{t:.0f}: {v:.0f}" for t, v in r["samples"][::max(1, len(r["samples"]) // 20)])
+             + ".", "",
+             f"* RSS flat under a {args.soak_seconds / 60:.3g}-minute load (the second half grows "
+             f"by less than 1% of the resident memory): {'met' if r['flat'] else 'missed'} "
+             f"({r['growth_second_half']:+.1f} MB over the second half); errors "
+             f"{r['errors']}.", ""]
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suites", nargs="+", default=["gen", "cls"], choices=["gen", "cls"])
+    p.add_argument("--suites", nargs="*", default=["gen", "cls"], choices=["gen", "cls"])
     p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--max-batch", type=int, default=32)
@@ -504,6 +651,12 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_work" / "serve")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.md"))
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--soak-seconds", type=float, default=0.0,
+                   help="run one server this long under load, sampling its RSS (0: no soak)")
+    p.add_argument("--soak-suite", default="cls", choices=["gen", "cls"])
+    p.add_argument("--soak-store", default="channel", choices=["twin", "channel"])
+    p.add_argument("--soak-clients", type=int, default=32)
+    p.add_argument("--soak-interval", type=float, default=5.0)
     args = p.parse_args()
     started = time.monotonic()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -538,8 +691,29 @@ def main() -> int:
         if not args.skip_cost:
             res["cost"] = mixed_batch_cost(suite, args.repeats, args.gen_tokens)
             print(f"  mixed batch: {res['cost']}", flush=True)
+            res["ceiling"] = batching_ceiling(suite, args.repeats, args.gen_tokens)
+            print(f"  batching ceiling: {res['ceiling']}", flush=True)
         results.append(res)
-    text = report(args, results, started, load_before)
+    text = report(args, results, started, load_before) if results else ""
+    if args.soak_seconds > 0:
+        name = args.soak_suite
+        suite = cls_suite(args.workdir, args.zoo) if name == "cls" else \
+            gen_suite(args.workdir, args.gen_layers)
+        load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        server = Server(suite["stores"][args.soak_store], "--max-batch", str(args.max_batch),
+                        "--max-wait-ms", str(args.max_wait_ms),
+                        base=suite["base"] if name == "cls" and args.soak_store == "channel"
+                        else None)
+        try:
+            r = soak(server, suite, args.soak_clients, args.soak_seconds, args.soak_interval,
+                     args.gen_tokens)
+        finally:
+            server.stop()
+        if not results:
+            text = "\n".join([f"{_dt.date.today().isoformat()}, {machine()}.", "",
+                              f"Command: `{' '.join(['python', *map(shlex.quote, sys.argv)])}`"
+                              f" ({time.monotonic() - started:.0f} s in all).", ""]) + "\n"
+        text += "\n".join(soak_report(args, r, suite, load_start)) + "\n"
     print(text)
     if args.out != "-":
         Path(args.out).write_text(text)

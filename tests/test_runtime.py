@@ -77,7 +77,7 @@ def test_k_equals_n_serves_each_expert_exactly(llama, llama_store):
     rt = polymerge.load_store(llama_store)
     assert isinstance(rt, SwitchRuntime) and rt.serving == "switch" and rt.is_causal
     names = ["expert0", "expert2", "expert1", "expert3"]
-    out = rt.forward(TEXTS, names)
+    out = rt.forward(TEXTS, names, path="switch")  # (the default, "auto", may gather)
     assert isinstance(out, RunOutput) and out.inputs == TEXTS and out.chosen == names
     assert out.routing(1) == {"expert0": 0.0, "expert1": 0.0, "expert2": 1.0, "expert3": 0.0}
     tok = tokenizer(llama_store)
@@ -127,7 +127,7 @@ def test_switch_only_when_the_expert_changes(llama_store):
     rt = polymerge.load_store(llama_store)
     assert rt.switch("expert1") is True
     assert rt.switch("expert1") is False
-    rt.forward(TEXTS, ["expert1", "expert3", "expert1", "expert3"])
+    rt.forward(TEXTS, ["expert1", "expert3", "expert1", "expert3"], path="switch")
     # expert1 was active, so its group runs first: one more switch (to expert3)
     assert rt.switches == 2 and rt.active == "expert3"
     with pytest.raises(PolymergeError, match="no expert named 'nope'"):

@@ -442,6 +442,21 @@ def test_nothing_a_client_sends_touches_a_file(world):
         assert tree_hashes(path) == world["hashes"][key], key
 
 
+def test_kept_alive_connections_answer_without_delayed_acks(world):
+    """Requests on one kept-alive connection come back at once: with Nagle's algorithm on the
+    server's sockets, each response's second write waited for the client's delayed ACK (40 ms
+    on Linux), whatever the request."""
+    cls = world["servers"]["cls"]
+    with httpx.Client(timeout=30) as client:
+        client.get(cls.url + "/health")
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            assert client.get(cls.url + "/health").status_code == 200
+            times.append(time.perf_counter() - start)
+    assert sorted(times)[len(times) // 2] < 0.03, times
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(world):
     slow = world["servers"]["slow"]
     first = threading.Event()

@@ -12,9 +12,18 @@ from test_runtime_common import TEXTS, build, family, store_recipe
 from torch.testing import assert_close
 
 import polymerge
+import polymerge.runtime.channel_batch as channel_batch
 from polymerge.errors import PolymergeError
+from polymerge.runtime import SwitchRuntime
 from polymerge.runtime.channel_batch import GatherLayer, gathering
-from polymerge.runtime.channel_cost import ModelCosts, choose, gather_cost, switch_cost
+from polymerge.runtime.channel_cost import (
+    GATHER_COPY,
+    ModelCosts,
+    choose,
+    gather_cost,
+    materializes,
+    switch_cost,
+)
 
 NAMES = ["expert0", "expert2", "expert1", "expert3"]
 
@@ -29,6 +38,21 @@ def llama(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 def bert(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     return family(tmp_path_factory.mktemp("gather_bert"), "bert", scale=0.0, noise=0.05,
                   seed=6)
+
+
+@pytest.fixture(params=["materialized", "k-outputs"])
+def way(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Each channel-merged linear of a gathered pass forced one way: each expert's weight
+    materialized, or the K group outputs gathered per row."""
+    forced = request.param == "materialized"
+    calls: list[bool] = []
+
+    def force(k: int, tokens: int, experts: int) -> bool:
+        calls.append(forced)
+        return forced
+
+    monkeypatch.setattr(channel_batch, "materializes", force)
+    return calls
 
 
 def _store(fam, root: Path, **params) -> Path:  # type: ignore[no-untyped-def]
@@ -67,8 +91,9 @@ def test_llama_gather_equals_switching(llama, tmp_path, scope):
         assert torch.equal(x, y)
 
 
-def test_k_equals_n_gather_serves_each_expert_exactly(llama, tmp_path):
-    """K = N keeps every expert: each row of a gathered batch equals that expert alone."""
+def test_k_equals_n_gather_serves_each_expert_exactly(llama, tmp_path, way):
+    """K = N keeps every expert: each row of a gathered batch equals that expert alone, by
+    either way of running a channel-merged linear."""
     _, experts, _, _ = llama
     rt = polymerge.load_store(_store(llama, tmp_path / "s", groups=4, scope=".",
                                      **{"lambda": 1.0}))
@@ -81,18 +106,20 @@ def test_k_equals_n_gather_serves_each_expert_exactly(llama, tmp_path):
         model = LlamaForCausalLM.from_pretrained(experts[int(name[-1])]).eval()
         assert_close(out.outputs[row], main_output(model, tok, TEXTS[row]), rtol=1e-5,
                      atol=1e-5)
+    assert way  # the forced way ran
 
 
-def test_bert_with_per_expert_norms_and_biases(bert, tmp_path):
+def test_bert_with_per_expert_norms_and_biases(bert, tmp_path, way):
     rt = polymerge.load_store(_store(bert, tmp_path / "s", groups=2, scope="."))
     _same_outputs(rt.forward(TEXTS, NAMES, path="gather"), rt.forward(TEXTS, NAMES,
                                                                         path="switch"))
     # position ids shared by every row are looked up per row's expert
     _same_outputs(rt.forward(TEXTS[:2], ["expert1", "expert1"], path="gather"),
                   rt.forward(TEXTS[:2], ["expert1", "expert1"], path="switch"))
+    assert way
 
 
-def test_gpt2_conv1d_and_tied_embeddings(make_models):
+def test_gpt2_conv1d_and_tied_embeddings(make_models, way):
     from test_store_common import make_tokenizer
 
     ms = make_models("gpt2", 3, scale=0.05)
@@ -110,6 +137,7 @@ def test_gpt2_conv1d_and_tied_embeddings(make_models):
                                                                        path="switch"))
     assert rt.generate(texts, names, max_new_tokens=4, path="gather").completions == \
         rt.generate(texts, names, max_new_tokens=4, path="switch").completions
+    assert way
 
 
 def test_switch_path_narrows_per_row_options(llama, tmp_path):
@@ -143,7 +171,10 @@ def test_auto_path_and_errors(llama, tmp_path):
     one = rt.weights(["expert1"] * 4, 4)
     assert rt.choose_path(one, 8, 1, "auto") == "switch"  # the loaded expert: nothing to write
     assert rt.choose_path(w, 8, 9, "auto") == "gather"  # a short mixed decode
-    assert rt.choose_path(w, 8, 1, None) == "switch"  # the runtime's default
+    assert rt.path == "auto"  # the runtime's default: the cost rule, as the server
+    assert rt.choose_path(w, 8, 9, None) == "gather"
+    assert rt.choose_path(w, 8, 9, "switch") == "switch"
+    assert SwitchRuntime(rt.store, path="switch").choose_path(w, 8, 9, None) == "switch"
     switches = rt.switches
     rt.forward(TEXTS, NAMES, path="auto")
     assert rt.switches == switches and rt.passes["gather"] >= 1
@@ -174,3 +205,22 @@ def test_cost_rule():
     assert choose(c, groups, 0, 40, 33) == "gather"
     # no gather path: switch
     assert choose(None, groups, 0, 8) == "switch"
+
+
+def test_materializing_rule():
+    # an expert's weight is worth copying when the pass's tokens outweigh the copies
+    assert materializes(2, 4 * 64 * 32, 4) and not materializes(2, 32, 4)
+    assert materializes(3, int(4 * GATHER_COPY / 2) + 1, 4)
+    assert not materializes(3, int(4 * GATHER_COPY / 2), 4)
+    # a long forward pass over 4 experts, materialized, costs less than its K outputs
+    c = _costs(written=1e12, extra=1e4)
+    long = gather_cost(c, [(0, 8), (1, 8), (2, 8), (3, 8)], 64, 1)
+    c.channel_elements = 1e4  # the same model with its channel linears known: materialized
+    assert gather_cost(c, [(0, 8), (1, 8), (2, 8), (3, 8)], 64, 1) < long
+    # a generation runs the output head on one token per row and pass: a costly head counts
+    # (steps x rows) tokens, not (steps x rows x tokens)
+    c.head_elements, c.head_extra = 5e3, 5e3
+    head = gather_cost(c, [(0, 8), (1, 8)], 40, 9)
+    c.head_elements, c.head_extra = 0.0, 0.0
+    body = gather_cost(c, [(0, 8), (1, 8)], 40, 9)
+    assert head < body

@@ -8,12 +8,26 @@ tensors are wrapped so that, inside a ``with gathering(experts):`` block (one ex
 row), each row runs with its own expert's weights, read from the store's pieces as they are:
 
 * a channel-merged linear weight (rows = output channels) keeps K merged rows per channel and
-  an index ``expert x channel -> group``. The layer computes the K group outputs at once, one
-  GEMM against the groups' rows stacked (``groups.view(K * out, in)``: a view, nothing
-  copied), and each row takes, per output channel, the output of its expert's group (a
-  ``gather`` along K). A GPT-2 ``Conv1D`` keeps its weight as (in, out), so its channels are
-  its inputs: each row's input features are split by group (a mask per group) and the K
-  masked inputs go through the stacked groups in one GEMM of inner size ``K * in``;
+  an index ``expert x channel -> group``. The layer runs one of two ways, whichever costs less
+  for the call's tokens ``T`` and the ``E`` experts its rows want
+  (:func:`~.channel_cost.materializes`):
+
+  - *materialized*: per expert, its weight is gathered from the groups' rows stacked
+    (``groups.view(K * out, in).index_select(0, flat[e])``, ``flat`` the index
+    ``group * out + channel`` precomputed at install) and the expert's rows go through it:
+    the plain model's multiply-adds plus ``E`` weight copies, the cheaper when ``T`` is
+    large (a forward pass, the prompt of a generation);
+  - *K outputs*: the K group outputs at once, one GEMM against the stacked groups (a view,
+    nothing copied), and each row takes, per output channel, its expert's group's output (a
+    ``gather`` along K with the precomputed int64 index): K times the multiply-adds, no copy,
+    the cheaper for a few tokens (a decoding step). The K GEMMs run one per group into a
+    scratch tensor the call keeps for its next steps: one GEMM against the groups stacked as
+    (K * out, in) ran up to 2.7x slower than K of the plain shape on one CPU thread.
+
+  A GPT-2 ``Conv1D`` keeps its weight as (in, out), so its channels are its inputs: the
+  materialized weight gathers input rows the same way; the K-output way splits each row's
+  input features by group (a mask per group) and runs the K masked inputs through the stacked
+  groups in one GEMM of inner size ``K * in``;
 * a channel-merged embedding looks each token up in its row's group: one lookup in the
   stacked table at ``group * vocab + id``;
 * tensors kept per expert (``others: expert``: norms, biases, out-of-scope weights) are
@@ -42,13 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymerge.errors import PolymergeError
+from polymerge.runtime.channel_cost import materializes
 
 # ----------------------------------------------------------------------------- one call
 
 
 class Gather:
     """One call's expert per row, and what its layers cache for it (the index rows each
-    channel-merged tensor selects, the rows of each expert)."""
+    channel-merged tensor selects, the rows of each expert, scratch space for K outputs)."""
 
     def __init__(self, experts: torch.Tensor | Sequence[int]) -> None:
         e = torch.as_tensor(experts, dtype=torch.long).flatten().cpu()
@@ -59,6 +74,17 @@ class Gather:
         self._rows: dict[tuple[int, str], torch.Tensor] = {}
         self._groups: dict[tuple[int, str], list[tuple[int, torch.Tensor | None]]] = {}
         self._selected: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._buffers: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+    def buffer(self, key: int, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        """A scratch tensor for a layer's K outputs, kept for the call's next passes of the
+        same shape (a generation's steps); its contents are the caller's to overwrite."""
+        found = self._buffers.get((key, shape))
+        if found is None or found.dtype != dtype or found.device != device:
+            found = self._buffers[(key, shape)] = torch.empty(shape, dtype=dtype,
+                                                              device=device)
+        return found
 
     def rows(self, batch: int, device: torch.device) -> torch.Tensor:
         """The expert of each of ``batch`` input rows (repeated when the model expanded the
@@ -96,7 +122,7 @@ class Gather:
         found = self._selected.get(key)
         if found is None:
             found = self._selected[key] = index.index_select(
-                0, self.rows(batch, index.device)).long()
+                0, self.rows(batch, index.device))
         return found
 
 
@@ -132,6 +158,17 @@ class Part:
     groups: torch.Tensor | None = None
     index: torch.Tensor | None = None
     per_expert: tuple[torch.Tensor, ...] = ()
+    flat: torch.Tensor | None = None
+    """(N, rows) int64: ``index * rows + row``, each expert's rows of ``groups`` flattened to
+    (K * rows, ...) (built by :meth:`prepare`)."""
+
+    def prepare(self) -> Part:
+        """The precomputed indices (``index`` as int64 and ``flat``) of a channel part."""
+        if self.kind == "channel" and self.groups is not None and self.index is not None:
+            self.index = self.index.long()
+            rows = self.index.shape[1]
+            self.flat = self.index * rows + torch.arange(rows, device=self.index.device)
+        return self
 
     @property
     def k(self) -> int:
@@ -140,6 +177,7 @@ class Part:
 
 
 COMMON = Part("common")
+
 
 
 def _keep_out_of_tree(wrapper: nn.Module, inner: nn.Module) -> None:
@@ -204,6 +242,9 @@ class GatherLinear(GatherLayer):
         assert part.groups is not None and part.index is not None
         b, length, width = x3.shape
         k = part.k
+        groups = g.groups(b, x3.device)
+        if part.flat is not None and materializes(k, b * length, len(groups)):
+            return self._materialized(groups, x3, part)
         sel = g.selected(part.index, b)  # (B, channels): each row's group per channel
         if self.transposed:  # weight (in, out): the channels are the inputs
             mask = F.one_hot(sel, k).to(x3.dtype).transpose(1, 2)  # (B, K, in)
@@ -211,9 +252,30 @@ class GatherLinear(GatherLayer):
             out = xs @ part.groups.reshape(k * width, -1)
             return out.view(b, length, -1)
         n_out = part.groups.shape[1]
-        ys = F.linear(x3, part.groups.view(k * n_out, width)).view(b, length, k, n_out)
-        pick = sel.view(b, 1, 1, n_out).expand(b, length, 1, n_out)
-        return ys.gather(2, pick).squeeze(2)
+        x2 = x3.reshape(b * length, width)
+        ys = g.buffer(id(part), (k, b * length, n_out), x3.dtype, x3.device)
+        for j in range(k):  # K GEMMs of the plain layer's shape (one of K * out runs slower)
+            torch.mm(x2, part.groups[j].T, out=ys[j])
+        pick = sel.view(1, b, 1, n_out).expand(1, b, length, n_out)
+        return ys.view(k, b, length, n_out).gather(0, pick).squeeze(0)
+
+    def _materialized(self, groups: list[tuple[int, torch.Tensor | None]], x3: torch.Tensor,
+                      part: Part) -> torch.Tensor:
+        """Each expert's rows through its own weight, gathered from the stacked groups."""
+        assert part.groups is not None and part.flat is not None
+        stacked = part.groups.reshape(part.k * part.groups.shape[1], -1)
+        out: torch.Tensor | None = None
+        for e, rows in groups:
+            w = stacked.index_select(0, part.flat[e])
+            xs = x3 if rows is None else x3.index_select(0, rows)
+            y = xs @ w if self.transposed else F.linear(xs, w)
+            if rows is None:
+                return y
+            if out is None:
+                out = y.new_empty((x3.shape[0], *y.shape[1:]))
+            out.index_copy_(0, rows, y)
+        assert out is not None
+        return out
 
     def _per_expert(self, g: Gather, x3: torch.Tensor, part: Part) -> torch.Tensor:
         b = x3.shape[0]
@@ -285,16 +347,25 @@ class GatherNorm(GatherLayer):
         for name, p in inner.named_parameters(recurse=False):
             setattr(self, name, p)
         self.parts = parts
+        self._views: dict[int, nn.Module] = {}
+
+    def _view(self, e: int) -> nn.Module:
+        """The norm with expert ``e``'s tensors: a shallow copy built once (the norm itself is
+        left alone: the switch path runs it), never changed after."""
+        view = self._views.get(e)
+        if view is None:
+            norm = self._inner
+            view = copy.copy(norm)
+            params = dict(norm._parameters)
+            for name, part in self.parts.items():
+                if part.kind == "expert":
+                    params[name] = part.per_expert[e]  # type: ignore[assignment]
+            object.__setattr__(view, "_parameters", params)
+            view = self._views.setdefault(e, view)
+        return view
 
     def _call(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        norm = self._inner
-        view = copy.copy(norm)  # the norm itself is left alone: another thread may run it
-        params = dict(norm._parameters)
-        for name, part in self.parts.items():
-            if part.kind == "expert":
-                params[name] = part.per_expert[e]  # type: ignore[assignment]
-        object.__setattr__(view, "_parameters", params)
-        return view(x)
+        return self._view(e)(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = current_gather()
@@ -355,7 +426,7 @@ def _parts(store: Any, targets: dict[str, torch.Tensor]) -> dict[int, Part]:
         entry = store.entries[name]
         if entry.kind == "channel":
             part = Part("channel", groups=store.pieces[piece_name(name, "groups")],
-                        index=store.pieces[piece_name(name, "index")])
+                        index=store.pieces[piece_name(name, "index")]).prepare()
         elif entry.kind == "expert":
             pieces = tuple(store.pieces[piece_name(name, expert_part(t))] for t in range(n))
             if not entry.dtype.is_floating_point \
@@ -403,14 +474,25 @@ def model_costs(model: nn.Module, store: Any, wrappers: dict[str, GatherLayer]) 
 
     linear = 0.0
     extra = 0.0
+    elements = 0.0
+    head_extra = 0.0
+    head_elements = 0.0
+    k = 1
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     for module in model.modules():
         if isinstance(module, GatherLinear):
             n_in, n_out = ((module.weight.shape[0], module.weight.shape[1]) if module.transposed
                            else (module.weight.shape[1], module.weight.shape[0]))
             part = module.weight_part
             if part.kind == "channel":
-                extra += (part.k - 1) * n_in * n_out + GATHER_SELECT * part.k \
+                more = (part.k - 1) * n_in * n_out + GATHER_SELECT * part.k \
                     * (n_in if module.transposed else n_out)
+                extra += more
+                elements += n_in * n_out
+                k = max(k, part.k)
+                if module is head:
+                    head_extra, head_elements = more, n_in * n_out
         elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             n_in, n_out = module.weight.shape[1], module.weight.shape[0]
         else:
@@ -443,7 +525,8 @@ def model_costs(model: nn.Module, store: Any, wrappers: dict[str, GatherLayer]) 
     return ModelCosts(linear_per_token=linear,
                       attention_per_token_and_position=2.0 * hidden * layers,
                       extra_per_token=extra, calls=calls, per_expert_modules=looping,
-                      written=written, gathered=len(wrappers))
+                      written=written, gathered=len(wrappers), channel_elements=elements, k=k,
+                      head_elements=head_elements, head_extra=head_extra)
 
 
 def _parts_of(wrapper: GatherLayer) -> list[Part]:

@@ -9,14 +9,15 @@ state, so a lock is held around each group's switch and forward pass: concurrent
 safe, and take turns. Routing uses the store's router on features of the base model.
 
 A batch whose rows want different experts may take the *gather path* instead
-(:mod:`.channel_batch`): one forward pass in which each channel-merged layer computes its K
-groups' outputs and each row takes its expert's, nothing written, no lock. ``path`` (the
-runtime's default, or per call: ``forward(..., path=...)``, ``as_module(path=...)``) says
-which: ``"switch"`` (the default: group and switch, as above), ``"gather"``, or ``"auto"``:
-the cheaper by the cost rule of :mod:`.channel_cost` (what the server uses). Both give the same
-numbers to float rounding. Options that hold per-row state for ``generate`` (a logits
-processor or stopping criterion with a ``select_rows(rows)`` method) are narrowed to each
-group's rows on the switch path.
+(:mod:`.channel_batch`): one forward pass in which each channel-merged layer runs each row with
+its expert's channels (each expert's weight materialized from the groups, or the K groups'
+outputs gathered per row), nothing written, no lock. ``path`` (the runtime's default, or per
+call: ``forward(..., path=...)``, ``as_module(path=...)``) says which: ``"auto"`` (the
+default, what the server uses: the cheaper by the cost rule of :mod:`.channel_cost`),
+``"switch"`` (group and switch, as above) or ``"gather"``. Both give the same numbers to float
+rounding. Options that hold per-row state for ``generate`` (a logits processor or stopping
+criterion with a ``select_rows(rows)`` method) are narrowed to each group's rows on the switch
+path.
 
 :class:`CheckpointRuntime` serves a plain checkpoint folder the same way: one expert (named
 after the folder), no routing, no lock (nothing is written into its model).
@@ -81,7 +82,7 @@ class SwitchRuntime(RequestRuntime):
 
     def __init__(self, store: Store, *, device: str | torch.device = "cpu",
                  base: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                 path: str = "switch", allow_pickle: bool = False) -> None:
+                 path: str = "auto", allow_pickle: bool = False) -> None:
         super().__init__(store.path, device=device, max_length=max_length,
                          label=store.path.name, router_dir=store.path / ROUTER_DIR)
         self.store = store
@@ -95,7 +96,7 @@ class SwitchRuntime(RequestRuntime):
         self._lock = threading.Lock()  # the working model's weights: switch + forward
         self._model: torch.nn.Module | None = None
         self._features: FeatureModel | None = None
-        self.path = check_path(path) or "switch"
+        self.path = check_path(path) or "auto"
         self.passes = {"switch": 0, "gather": 0}
         """Batches run by each path (counted per ``_run``/``_generate`` call)."""
         self._count = threading.Lock()

@@ -579,7 +579,7 @@ def _timed(response: StreamingResponse, svc: Service, endpoint: str, model: str,
     """Count a streamed response when its last byte is sent."""
     inner = response.body_iterator
 
-    async def counted() -> AsyncIterator[Any]:
+    async def body() -> AsyncIterator[Any]:  # (not named `counted`: that is the flag)
         try:
             async for piece in inner:
                 yield piece
@@ -589,5 +589,5 @@ def _timed(response: StreamingResponse, svc: Service, endpoint: str, model: str,
             svc.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
             svc.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
 
-    response.body_iterator = counted()
+    response.body_iterator = body()
     return response

@@ -3,10 +3,22 @@
 Requests put rows in a bounded queue (:meth:`Batcher.submit`: refused with 503 when full, or
 while shutting down). The model thread takes the oldest row and waits, up to ``max_wait_ms``
 after that row arrived, for rows of the same kind (generate, forward, route) to join it, up to
-``max_batch``; then it runs them as one batch (:class:`~.engine.Engine`). A row that arrives
-while a batch runs joins the next one. Rows cancelled or past their deadline are dropped
-unrun. :meth:`Batcher.close` stops taking rows and, with ``drain``, runs what is queued before
-the thread ends.
+``max_batch``; then it runs every queued row of that kind (up to ``max_batch``) as one batch
+(:class:`~.engine.Engine`). A row that arrives while a batch runs joins the next one.
+
+**Returning clients.** The rows a batch answers usually come back: a client sends its next
+request when it has its answer, a few tens of milliseconds later (the response is written, read,
+and the next request parsed). Started at once, the next batch would hold only the few rows that
+arrived while the last one ran, and the returning rows would wait for that small batch to end:
+under a closed loop the batches alternate big and small, each small one costing almost what a
+big one costs (a generation step's cost is mostly fixed). So while fewer rows of a kind are
+queued than the last batch of that kind answered plus those that were waiting when it ended,
+the model thread waits for more, at most ``RETURN_SHARE`` of that kind's batch time (a running
+estimate) after the last batch ended, and never more than ``RETURN_CAP`` seconds; it starts as
+soon as that many rows are queued (or ``max_batch``). With ``max_wait_ms`` 0 it never waits.
+One client alone never waits for this (its batches have one row). Rows cancelled or past their
+deadline are dropped unrun. :meth:`Batcher.close` stops taking rows and, with ``drain``, runs
+what is queued before the thread ends.
 """
 
 from __future__ import annotations
@@ -21,6 +33,11 @@ from polymerge.serve.engine import Engine
 from polymerge.serve.errors import bad_request, queue_full, shutting_down
 from polymerge.serve.metrics import Metrics
 from polymerge.serve.work import Row
+
+RETURN_SHARE = 0.25
+"""The longest wait for returning rows, as a share of a batch's running time."""
+RETURN_CAP = 0.5
+"""The longest wait for returning rows, in seconds."""
 
 
 class Batcher:
@@ -38,6 +55,9 @@ class Batcher:
         self._closed = False
         self._drain = True
         self._batch_seconds = 0.5  # a running estimate, for Retry-After
+        self._last: dict[str, tuple[int, float, float]] = {}
+        """Per kind: (rows expected, end, running estimate of the seconds per batch) after the
+        last batch: the rows expected are its own and those that were waiting when it ended."""
         self._thread = threading.Thread(target=self._loop, name="polymerge-model", daemon=True)
 
     def start(self) -> None:
@@ -99,11 +119,11 @@ class Batcher:
                     return None
                 self._cond.wait(0.5)
             kind = self._queue[0].kind
-            until = self._queue[0].enqueued + self.max_wait
             while not self._closed:
-                if sum(1 for r in self._queue if r.kind == kind) >= self.max_batch:
+                count = sum(1 for r in self._queue if r.kind == kind)
+                if count >= self.max_batch:
                     break
-                left = until - time.monotonic()
+                left = self._until(kind, count) - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -122,6 +142,16 @@ class Batcher:
             self.metrics.queue.set(len(self._queue))
             return batch
 
+    def _until(self, kind: str, count: int) -> float:
+        """When the batch of ``kind`` whose oldest row is first in the queue starts, ``count``
+        rows of that kind being queued (lock held; see the module docstring)."""
+        until = self._queue[0].enqueued + self.max_wait
+        last = self._last.get(kind)
+        if self.max_wait > 0 and last is not None and count < last[0]:
+            rows, end, seconds = last
+            until = max(until, end + min(RETURN_SHARE * seconds, RETURN_CAP))
+        return until
+
     def _loop(self) -> None:
         while True:
             batch = self._take()
@@ -131,4 +161,11 @@ class Batcher:
                 continue
             start = time.monotonic()
             self.engine.run(batch)
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - start)
+            end = time.monotonic()
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (end - start)
+            kind = batch[0].kind
+            previous = self._last.get(kind)
+            seconds = end - start if previous is None else 0.8 * previous[2] + 0.2 * (end - start)
+            with self._cond:  # the rows to expect: those waiting, and the batch's coming back
+                waiting = sum(1 for r in self._queue if r.kind == kind)
+                self._last[kind] = (len(batch) + waiting, end, seconds)
