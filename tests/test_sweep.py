@@ -117,6 +117,14 @@ def test_sequential_and_ray_give_identical_rows(mini, tmp_path):
     again = run_cells(mini, _cells(mini), root=tmp_path / "seq", threads=1, progress=False,
                       router_options=ROUTER_OPTIONS)
     assert comparable(again) == comparable(seq)
+    # the cache is keyed by the recipe: the same merge under another label (the demo's names)
+    # is read back, not rerun, and carries the new label
+    renamed = Cell("TIES (renamed)", "static", "renamed", cells[0].recipe)
+    [row] = run_cells(mini, [renamed], root=tmp_path / "seq", threads=1, progress=False,
+                      router_options=ROUTER_OPTIONS)
+    assert row.name == "TIES (renamed)" and row.extra["cell"] == "TIES (renamed)"
+    assert row.scores == rows["ties, defaults"].scores
+    assert row.build_seconds == rows["ties, defaults"].build_seconds  # read back, not rerun
     # sizes: channel K = N keeps every expert; EMR two models and N bits per weight
     n = len(TASKS)
     assert rows["channel K=2 (oracle)"].params_ratio == pytest.approx(1.0, abs=0.01)
@@ -145,6 +153,9 @@ def test_pareto_front_by_hand():
     points = [(0.2, 80.0), (0.2, 85.0), (0.3, 84.0), (0.5, 97.0), (1.0, 100.0), (0.4, 97.0),
               (0.6, float("nan"))]
     assert pareto_front(points) == [1, 5, 4]
+    # a larger point that gains less than the table shows (0.1) is not on the front
+    assert pareto_front([(0.3, 99.98), (0.4, 99.99), (1.0, 100.0)]) == [0]
+    assert pareto_front([(0.3, 99.98), (0.4, 99.99)], tol=0.0) == [0, 1]
 
 
 def test_free_cpus_follows_the_load():

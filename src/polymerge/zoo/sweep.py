@@ -328,7 +328,19 @@ def _cached(suite: Suite, cell: Cell, root: Path, router: dict[str, Any] | None
             ) -> list[Row] | None:
     key = cell_key(suite, cell, router)
     value = load_json(root / "cells" / f"{key}.json", key)
-    return None if value is None else [_row_from_json(r) for r in value]
+    if value is None:
+        return None
+    # the key is the recipe, not the label: a cell run under another name (the demo's
+    # "task arithmetic (lambda=0.3)" is the sweep's "task_arithmetic, lambda 0.3") keeps its
+    # scores but takes this cell's name
+    rows = []
+    for data in value:
+        row = _row_from_json(data)
+        routing = row.extra.get("routing") or ""
+        row.name = cell.label + (f" ({routing})" if routing else "")
+        row.extra.update(family=cell.family, setting=cell.setting, cell=cell.label)
+        rows.append(row)
+    return rows
 
 
 def _save(suite: Suite, cell: Cell, root: Path, rows: list[Row],
@@ -433,16 +445,22 @@ def _run_on_ray(suite: Suite, cells: Sequence[Cell], todo: list[int],
 # ----------------------------------------------------------------------------- the map
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+PARETO_TOLERANCE = 0.05
+"""Normalized points a larger artifact must gain to join the front: half the table's 0.1, so
+a store that scores 100.0 like a smaller one (99.98 against 99.97) is not drawn as better."""
+
+
+def pareto_front(points: Sequence[tuple[float, float]], tol: float = PARETO_TOLERANCE
+                 ) -> list[int]:
     """Indices of the points (size, score) no other point beats: none is as small and as good
-    with one of the two strictly better. Sorted by size."""
+    (within ``tol``) with one of the two strictly better. Sorted by size."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], -math.inf
     for i in order:
         size, score = points[i]
         if not (math.isfinite(size) and math.isfinite(score)):
             continue
-        if score > best:
+        if score > best + tol:
             front.append(i)
             best = score
     return front
@@ -509,7 +527,7 @@ def render_sweep(suite: Suite, rows: list[Row], refs: dict[str, Any], *, command
              "*size vs ensemble*: bytes stored (1-bit masks by their bytes, indexes included, "
              "task heads added) over N full experts'; *oracle*: each task's own expert; "
              "*router*: the store's trained router; *seconds*: build (and router) plus "
-             "evaluation; ★: on the Pareto front (nothing smaller scores as high).",
+             "evaluation; ★: on the Pareto front (nothing smaller scores as high, to 0.05).",
              "",
              markdown_table(header, cells), ""]
     notes = [f"- **{r.name}**: {r.note}" for r in rows if r.note and not r.extra.get("failed")]
