@@ -302,3 +302,14 @@ def outs(tmp_path: Path) -> Path:
 
 def iter_shards(folder: Path) -> Iterator[Path]:
     yield from sorted(folder.glob("*.safetensors"))
+
+
+@pytest.fixture(params=["whole tensors", "small chunks"])
+def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a method test twice: on whole tensors, and with chunks of 5 entries so the
+    chunked whole-tensor statistics of :mod:`polymerge.methods.chunks` are exercised too."""
+    if request.param == "small chunks":
+        from polymerge.methods import chunks
+
+        monkeypatch.setattr(chunks, "CHUNK", 5)
+    return request.param

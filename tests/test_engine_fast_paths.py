@@ -16,8 +16,8 @@ from conftest import load_state
 import polymerge
 from polymerge import engine
 from polymerge.errors import CheckpointError
-from polymerge.methods import sparsify
-from polymerge.methods.sparsify import kth_largest_magnitude
+from polymerge.methods import gta, sparsify
+from polymerge.methods.sparsify import kth_largest_in_chunks, kth_largest_magnitude
 from polymerge.registry import get_tensor_method
 
 CHUNK = 97  # prime, and smaller than every weight: chunk boundaries land mid-row
@@ -163,3 +163,49 @@ def test_radix_select_equals_a_sort(kind, chunk, monkeypatch):
     ranked = sorted(a.tolist(), reverse=True)
     for k in (1, 2, n // 3, n // 2, n - 1, n):
         assert kth_largest_magnitude(a, k).item() == ranked[k - 1], (kind, k)
+        value, larger = kth_largest_in_chunks(lambda: a.split(chunk), k)
+        assert value.item() == ranked[k - 1]
+        assert larger == sum(v > ranked[k - 1] for v in ranked), (kind, k)
+
+
+def _ties_by_definition(base, experts, weights, densities, lam):
+    """TIES written out from the paper and mergekit's conventions on whole tensors: keep the
+    top-k magnitudes (k = max(1, int(density * numel)), ties to the lowest position), weight,
+    elect the sign of the sum (0 -> +), average the agreeing entries by their weights."""
+    b = base.float().reshape(-1)
+    kept = []
+    for e, w, d in zip(experts, weights, densities, strict=True):
+        delta = e.float().reshape(-1) - b
+        k = max(1, int(d * b.numel()))
+        order = torch.argsort(-delta.abs(), stable=True)
+        keep = torch.zeros_like(delta)
+        keep[order[:k]] = 1.0
+        kept.append(delta * keep * w)
+    total = torch.stack(kept).sum(0)
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    agree = [(torch.sign(t) == sign).float() for t in kept]
+    mixed = sum(t * a for t, a in zip(kept, agree, strict=True))
+    divisor = sum(a * w for a, w in zip(agree, weights, strict=True))
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return (b + mixed / divisor * lam).reshape(base.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ties_in_chunks_keeps_the_same_entries_as_whole_tensors(dtype, monkeypatch):
+    """Two passes over small chunks (thresholds, then mask and mix) give the whole-tensor
+    result bit for bit, and the definition's to float tolerance, with many tied magnitudes."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (61, 83)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    # few distinct delta values: the top-k threshold falls on a long run of ties
+    experts = [(base.float() + torch.randint(-3, 4, shape, generator=gen) * 0.125).to(dtype)
+               for _ in range(3)]
+    weights, densities = [1.0, 0.5, 0.7], [0.3, 0.55, 1.0]
+    fn = get_tensor_method("ties").fn
+    params = {"weight": weights, "density": densities, "lambda": 0.9}
+    whole = fn(base, experts, **params)  # 5063 entries: one chunk, the whole-tensor path
+    monkeypatch.setattr(gta, "_MIX_CHUNK", 97)
+    chunked = fn(base, experts, **params)
+    assert torch.equal(chunked, whole)
+    expected = _ties_by_definition(base, experts, weights, densities, 0.9)
+    torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)

@@ -564,7 +564,7 @@ def ref_model_stock(base: torch.Tensor, experts: list[torch.Tensor],
 
 @pytest.mark.parametrize("filter_wise", [False, True])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_model_stock_reference(filter_wise: bool, n: int) -> None:
+def test_model_stock_reference(filter_wise: bool, n: int, chunking: str) -> None:
     base = randn((4, 6), 0)
     shared = randn((4, 6), 50)
     experts = [base + shared + 0.7 * randn((4, 6), 60 + i) for i in range(n)]
@@ -572,7 +572,7 @@ def test_model_stock_reference(filter_wise: bool, n: int) -> None:
     assert_close(out, ref_model_stock(base, experts, filter_wise))
 
 
-def test_model_stock_edge_cases() -> None:
+def test_model_stock_edge_cases(chunking: str) -> None:
     base, experts = setup(n=2)
     assert_close(merge("model_stock", base, [experts[0]] * 3), experts[0])
     # Opposite offsets: cos = -1, 1 + (2-1)(-1) = 0 is singular -> keep the base.

@@ -301,7 +301,8 @@ def ref_multislerp(weights: Sequence[float], xs: list[torch.Tensor],
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_multislerp_reference(shape: tuple[int, ...], with_base: bool, normalize: bool) -> None:
+def test_multislerp_reference(shape: tuple[int, ...], with_base: bool, normalize: bool,
+                              chunking: str) -> None:
     base = randn(shape, 0)
     xs = experts_around(base, 3, 4)
     w = [0.2, 0.5, 0.3] if normalize else [0.4, 1.0, 0.6]
@@ -310,7 +311,7 @@ def test_multislerp_reference(shape: tuple[int, ...], with_base: bool, normalize
     assert_close(out, ref_multislerp(w, xs, base if with_base else None, normalize))
 
 
-def test_multislerp_edges() -> None:
+def test_multislerp_edges(chunking: str) -> None:
     base = randn((3, 4), 0)
     x, y = experts_around(base, 2, 5)
     assert torch.equal(merge("multislerp", base, [x], weight=[2.0]), x)  # one model

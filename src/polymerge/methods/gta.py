@@ -20,7 +20,12 @@ import torch
 
 from polymerge.errors import RecipeError
 from polymerge.methods.schema import MergeMethod, Param
-from polymerge.methods.sparsify import Sparsification, sparsify
+from polymerge.methods.sparsify import (
+    Sparsification,
+    TopkInOrder,
+    kth_largest_in_chunks,
+    sparsify,
+)
 
 WEIGHT = Param("weight", float, default=1.0, scope="per_model",
                help="scale of this expert's task vector")
@@ -73,7 +78,7 @@ def gta_merge(
     """Merge one tensor by generalized task arithmetic (see the module docstring)."""
     if base is None:
         raise RecipeError("task-arithmetic methods need a base model")
-    base = base.float()
+    base_in, base = base, base.float()
     n = len(experts)
     if n == 0:
         return base.clone()
@@ -81,6 +86,10 @@ def gta_merge(
     densities = per_model(density, n, "density")
     gammas = per_model(gamma, n, "gamma")
     epsilons = per_model(epsilon, n, "epsilon")
+    if (sparsification in (None, Sparsification.magnitude) and not rescale
+            and base.numel() > _MIX_CHUNK and base.device.type == "cpu"):
+        return _topk_mix_in_chunks(base_in, experts, weights, densities, consensus=consensus,
+                                   normalize=normalize, lam=lam)
     # Expert by expert with in-place accumulation: stacking N deltas would copy every input
     # once more and make the reductions run over an (N, ...) tensor, about 3x slower. Without
     # sign election nothing needs all deltas at once, so they are summed as they come (same
@@ -132,18 +141,63 @@ def mix_weighted(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: 
     return out
 
 
+def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
+                        weights: Sequence[float], densities: Sequence[float], *,
+                        consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+    """TIES (magnitude top-k, then steps 2-4) without holding a float32 delta of the tensor.
+
+    Two passes over the inputs in chunks that stay in the CPU's caches: the first finds each
+    expert's top-k threshold by a radix select over ``|expert - base|`` computed a chunk at a
+    time, the second recomputes each chunk's deltas, keeps the top-k entries and mixes them.
+    Memory is the inputs (bf16 when the recipe computes in bf16) plus the float32 output, not
+    N float32 deltas; the result is bit-identical to sparsifying whole tensors (same operations
+    per entry, same ties kept).
+    """
+    numel = base.numel()
+    flat_base = base.reshape(-1)
+    flat_experts = [e.reshape(-1) for e in experts]
+    bounds = [(b, min(numel, b + _MIX_CHUNK)) for b in range(0, numel, _MIX_CHUNK)]
+
+    def magnitudes(expert: torch.Tensor):  # noqa: ANN202 - a generator of chunks
+        for b, e in bounds:
+            yield (expert[b:e].float() - flat_base[b:e].float()).abs_()
+
+    keeps: list[TopkInOrder | None] = []
+    for expert, density in zip(flat_experts, densities, strict=True):
+        k = max(1, int(density * numel))
+        if density >= 1 or k >= numel:
+            keeps.append(None)
+            continue
+        threshold, larger = kth_largest_in_chunks(lambda e=expert: magnitudes(e), k)
+        keeps.append(TopkInOrder(threshold, k, larger))
+    out = torch.empty(base.shape, dtype=torch.float32)
+    flat_out = out.view(-1)
+    for b, e in bounds:
+        base_chunk = flat_base[b:e].float()
+        weighted = []
+        for expert, keep, w in zip(flat_experts, keeps, weights, strict=True):
+            delta = expert[b:e].float() - base_chunk
+            if keep is not None:
+                delta = delta * keep(delta.abs())
+            weighted.append(delta.mul_(w))
+        flat_out[b:e] = _mix(base_chunk, weighted, weights, consensus=consensus,
+                             normalize=normalize, lam=lam)
+    return out
+
+
 def _mix(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
          *, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
     if consensus:
         total = weighted[0].clone()
         for delta in weighted[1:]:
             total.add_(delta)
-        elected_positive = total >= 0
+        elected = torch.where(total >= 0, 1.0, -1.0)
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for w, delta in zip(weights, weighted, strict=True):
-            # sign(delta) == elected sign; zero entries agree with neither sign.
-            agree = torch.where(elected_positive, delta > 0, delta < 0)
+            # sign(delta) == elected sign; zero entries agree with neither sign. (A product
+            # with +-1 is exact and cheaper than choosing between two comparisons.)
+            agree = delta * elected > 0
             mixed.add_(delta * agree)
             divisor.add_(agree, alpha=w)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)

@@ -8,11 +8,13 @@ mergekit 0.1.5.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods.chunks import dot, float_chunks, worth_chunking
 from polymerge.methods.schema import MergeMethod, Param
 
 
@@ -27,6 +29,8 @@ def model_stock_merge(
     del generator
     if base is None or len(experts) < 2:
         raise RecipeError("model_stock: needs a base model and at least two other models")
+    if not filter_wise and worth_chunking(base):
+        return _model_stock_in_chunks(base, experts)
     w0 = base.float()
     shape = w0.shape
     # filter_wise: each slice along the last dimension (a row of a 2-d weight) gets its own
@@ -52,6 +56,35 @@ def model_stock_merge(
     t = torch.where(singular, torch.zeros_like(cos_theta), n * cos_theta / safe)
     average = ws.mean(dim=0)
     return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def _ratio(n: int, mean_cos: float) -> float:
+    denominator = 1 + (n - 1) * mean_cos
+    return 0.0 if abs(denominator) < 1e-6 else n * mean_cos / denominator
+
+
+def _model_stock_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The whole-tensor ratio from norms and dot products summed over chunks, then the
+    per-entry mix; holds no float32 copy of the inputs (see :mod:`polymerge.methods.chunks`)."""
+    n = len(experts)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    squares = [0.0] * n
+    dots = [0.0] * len(pairs)
+    for _, _, (w0, *ws) in float_chunks([base, *experts]):
+        offsets = [w.sub_(w0) for w in ws]
+        for i, o in enumerate(offsets):
+            squares[i] += dot(o, o)
+        for p, (i, j) in enumerate(pairs):
+            dots[p] += dot(offsets[i], offsets[j])
+    norms = [math.sqrt(s) for s in squares]
+    cosines = [max(-1.0, min(1.0, d / max(norms[i] * norms[j], 1e-6)))
+               for d, (i, j) in zip(dots, pairs, strict=True)]
+    t = _ratio(n, sum(cosines) / len(cosines))
+    out = torch.empty(base.shape, dtype=torch.float32)
+    flat_out = out.view(-1)
+    for b, e, (w0, *ws) in float_chunks([base, *experts]):
+        flat_out[b:e] = t * torch.stack(ws).mean(dim=0) + (1 - t) * w0
+    return out
 
 
 MODEL_STOCK = MergeMethod(

@@ -17,12 +17,14 @@ A single model is returned as is. When the weighted mean of the unit vectors van
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods.chunks import dot, float_chunks, worth_chunking
 from polymerge.methods.gta import per_model
 from polymerge.methods.schema import REQUIRED, MergeMethod, Param
 
@@ -50,6 +52,8 @@ def multislerp_merge(
             raise RecipeError("multislerp: the weights sum to 0, cannot normalize "
                               "(set normalize_weights: false or change the weights)")
         weights = weights / weights.sum()
+    if worth_chunking(experts[0]):
+        return _multislerp_in_chunks(base, experts, weights.tolist(), eps)
     device = experts[0].device
     weights = weights.to(device)
     if base is None:
@@ -79,6 +83,73 @@ def multislerp_merge(
         out = out * (norms.squeeze(1) * weights).sum()
     out = out.reshape(shape)
     return out if base is None else out.add_(base.float())
+
+
+def _multislerp_in_chunks(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
+                          weights: list[float], eps: float) -> torch.Tensor:
+    """The same steps with every whole-tensor quantity (norms, the mean's norm, each unit
+    vector's projection on the mean, the tangent's norm) summed over chunks, so no float32 copy
+    of the inputs is held (see :mod:`polymerge.methods.chunks`). Four passes over the inputs:
+    norms; the mean's norm and projections; the tangent (kept in the output buffer) and its
+    norm; the result."""
+    n = len(experts)
+    inputs = list(experts) if base is None else [base, *experts]
+
+    def vectors() -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        for b, e, chunk in float_chunks(inputs):
+            yield b, e, chunk if base is None else [x.sub_(chunk[0]) for x in chunk[1:]]
+
+    squares = [0.0] * n
+    for _, _, vs in vectors():
+        for i, v in enumerate(vs):
+            squares[i] += dot(v, v)
+    norms = [math.sqrt(s) for s in squares]
+    coef = [w / (r + eps) for w, r in zip(weights, norms, strict=True)]  # mean = sum coef_i v_i
+
+    def mean_of(vs: list[torch.Tensor]) -> torch.Tensor:
+        # Products rounded before they are added (no fused multiply-add): two opposite
+        # models with equal weights must cancel exactly, as in the whole-tensor sum.
+        mean = vs[0] * coef[0]
+        for c, v in zip(coef[1:], vs[1:], strict=True):
+            mean += v * c
+        return mean
+
+    mean_square, projections = 0.0, [0.0] * n  # projections[i] = u_i . mean (unnormalized)
+    for _, _, vs in vectors():
+        mean = mean_of(vs)
+        mean_square += dot(mean, mean)
+        for i, v in enumerate(vs):
+            projections[i] += dot(v, mean) / (norms[i] + eps)
+    mean_norm = math.sqrt(mean_square)
+    out = torch.empty(experts[0].shape, dtype=torch.float32)
+    flat_out = out.view(-1)
+    if mean_norm < eps:
+        if n != 2:
+            raise RecipeError(
+                "multislerp: the weighted mean of the models' directions is zero (opposite "
+                "models whose weights cancel out); change the weights")
+        for b, e, vs in vectors():
+            flat_out[b:e] = vs[0] * weights[0] + vs[1] * weights[1]
+    else:
+        # tangent = sum_i w_i (u_i - (u_i . m) m) = sum_i w_i u_i - along * m, with m the unit
+        # mean: zero but for rounding (the weighted projections add up to the mean itself).
+        along = sum(w * p / mean_norm for w, p in zip(weights, projections, strict=True))
+        tangent_square = 0.0
+        for b, e, vs in vectors():
+            mean = mean_of(vs)  # sum_i w_i u_i
+            tangent = mean.sub_(mean / mean_norm, alpha=along)
+            flat_out[b:e] = tangent
+            tangent_square += dot(tangent, tangent)
+        tangent_norm = math.sqrt(tangent_square) + eps
+        cos, sin_ratio = math.cos(tangent_norm), math.sin(tangent_norm) / tangent_norm
+        scale = sum(r * w for r, w in zip(norms, weights, strict=True))
+        for b, e, vs in vectors():
+            unit_mean = mean_of(vs).div_(mean_norm)
+            flat_out[b:e] = (unit_mean * cos + flat_out[b:e] * sin_ratio) * scale
+    if base is not None:
+        for b, e, (x,) in float_chunks([base]):
+            flat_out[b:e] += x
+    return out
 
 
 def check_multislerp_params(params: dict[str, Any]) -> None:
