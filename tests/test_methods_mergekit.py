@@ -342,7 +342,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_karcher_of_two_is_the_geodesic_midpoint(shape: tuple[int, ...]) -> None:
+def test_karcher_of_two_is_the_geodesic_midpoint(shape: tuple[int, ...], chunking: str) -> None:
     a, b = randn(shape, 1), 3 * randn(shape, 2)
     out = merge("karcher", None, [a, b])
     ua, ub = vec(unit(a)), vec(unit(b))
@@ -353,7 +353,7 @@ def test_karcher_of_two_is_the_geodesic_midpoint(shape: tuple[int, ...]) -> None
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_karcher_mean_is_a_critical_point(shape: tuple[int, ...]) -> None:
+def test_karcher_mean_is_a_critical_point(shape: tuple[int, ...], chunking: str) -> None:
     """The defining property: the mean of the log maps at the result vanishes."""
     xs = [randn(shape, s) + 0.8 for s in range(4)]
     out = merge("karcher", None, xs, max_iter=100, tol=1e-7)
@@ -370,7 +370,7 @@ def test_karcher_mean_is_a_critical_point(shape: tuple[int, ...]) -> None:
         sum(norm(vec(x)) for x in xs) / len(xs), rel=1e-5)
 
 
-def test_karcher_start_and_edges() -> None:
+def test_karcher_start_and_edges(chunking: str) -> None:
     xs = [randn((3, 4), s) + 0.5 for s in range(3)]
     # No step: the normalized mean of the directions, times the mean norm.
     mean = [math.fsum(c) for c in zip(*(vec(unit(x)) for x in xs), strict=True)]
@@ -419,13 +419,13 @@ def ref_sce(base: torch.Tensor, experts: list[torch.Tensor], topk: float = 1.0) 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("topk", [1.0, 0.5, 0.2])
-def test_sce_reference(shape: tuple[int, ...], topk: float) -> None:
+def test_sce_reference(shape: tuple[int, ...], topk: float, chunking: str) -> None:
     base = randn(shape, 0)
     experts = experts_around(base, 3, 6, scale=0.5)
     assert_close(merge("sce", base, experts, select_topk=topk), ref_sce(base, experts, topk))
 
 
-def test_sce_edges() -> None:
+def test_sce_edges(chunking: str) -> None:
     base = randn((4, 5), 0)
     experts = experts_around(base, 3, 7)
     assert_close(merge("sce", base, experts, select_topk=0.0), base)  # nothing selected

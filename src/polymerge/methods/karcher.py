@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods.chunks import dot, float_chunks, worth_chunking
 from polymerge.methods.schema import MergeMethod, Param
 
 
@@ -76,10 +77,81 @@ def karcher_merge(
         raise RecipeError("karcher: needs at least one model")
     if len(experts) == 1:
         return experts[0].float().clone()
+    if worth_chunking(experts[0]):
+        return _karcher_in_chunks(experts, max_iter=int(max_iter), tol=float(tol))
     shape = experts[0].shape
     vectors = [e.float().reshape(-1) for e in experts]
     alphas = [1.0 / len(vectors)] * len(vectors)
     return karcher_mean(vectors, alphas, max_iter=int(max_iter), tol=float(tol)).reshape(shape)
+
+
+def _karcher_in_chunks(experts: Sequence[torch.Tensor], *, max_iter: int, tol: float
+                       ) -> torch.Tensor:
+    """:func:`karcher_mean` with equal weights, holding only the direction (the output) in
+    float32: norms and every dot product are summed over chunks of the inputs as stored (see
+    :mod:`polymerge.methods.chunks`). The tangent ``sum_i c_i (u_i - cos_i m)`` is computed as
+    ``sum_i c_i u_i - (sum_i c_i cos_i) m``, the same vector; three passes an iteration."""
+    squares = [0.0] * len(experts)
+    for _, _, xs in float_chunks(experts):
+        for i, x in enumerate(xs):
+            squares[i] += dot(x, x)
+    norms = [math.sqrt(s) for s in squares]
+    scale = sum(norms) / len(experts)
+    taking_part = [i for i, r in enumerate(norms) if r > tol]
+    out = torch.zeros(experts[0].shape, dtype=torch.float32)
+    if not taking_part:
+        return out
+    weight = 1.0 / len(taking_part)
+    mean = out.view(-1)
+
+    def combine(coefs: dict[int, float], xs: list[torch.Tensor]) -> torch.Tensor:
+        """sum_i coefs[i] u_i of one chunk, products rounded before they are added."""
+        items = iter(coefs.items())
+        first, c = next(items)
+        total = xs[first] * (c / norms[first])
+        for i, c in items:
+            total += xs[i] * (c / norms[i])
+        return total
+
+    mean_square = 0.0
+    for b, e, xs in float_chunks(experts):
+        mean[b:e] = combine({i: weight for i in taking_part}, xs)
+        mean_square += dot(mean[b:e], mean[b:e])
+    if math.sqrt(mean_square) < tol:
+        mean.copy_(experts[taking_part[0]].reshape(-1)).div_(norms[taking_part[0]])
+    else:
+        mean.div_(math.sqrt(mean_square))
+
+    for _ in range(max_iter):
+        cosines = dict.fromkeys(taking_part, 0.0)
+        for b, e, xs in float_chunks(experts):
+            for i in taking_part:
+                cosines[i] += dot(mean[b:e], xs[i]) / norms[i]
+        coefs: dict[int, float] = {}
+        for i in taking_part:
+            cosines[i] = min(1.0, max(-1.0, cosines[i]))
+            theta = math.acos(cosines[i])
+            if theta >= tol:
+                coefs[i] = weight * theta / math.sin(theta)
+        if not coefs:
+            break
+        along = sum(c * cosines[i] for i, c in coefs.items())
+
+        def tangent(b: int, e: int, xs: list[torch.Tensor], coefs: dict[int, float] = coefs,
+                    along: float = along) -> torch.Tensor:
+            return combine(coefs, xs).sub_(mean[b:e], alpha=along)
+
+        step = math.sqrt(sum(dot(t, t) for t in (tangent(*c) for c in float_chunks(experts))))
+        if step < tol:
+            break
+        length_square = 0.0
+        for b, e, xs in float_chunks(experts):
+            t = tangent(b, e, xs)
+            mean[b:e] = mean[b:e] * math.cos(step) + t * (math.sin(step) / step)
+            length_square += dot(mean[b:e], mean[b:e])
+        if math.sqrt(length_square) > tol:
+            mean.div_(math.sqrt(length_square))
+    return out.mul_(scale)
 
 
 KARCHER = MergeMethod(

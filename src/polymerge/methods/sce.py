@@ -21,10 +21,26 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods.chunks import float_chunks, spans, worth_chunking
 from polymerge.methods.schema import MergeMethod, Param
+from polymerge.methods.sparsify import TopkInOrder, kth_largest_in_chunks
 
 WEIGHT_SUM_EPS = 1e-6
 DIVISOR_FLOOR = 1e-6
+
+
+def population_variance(deltas: torch.Tensor, out: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Variance across experts (dim 0, divided by N) of each entry.
+
+    Written out over the few experts: ``torch.var(dim=0)`` reduces along the slow axis and
+    costs about 30x more on CPU (138 ns an entry for 4 experts).
+    """
+    mean = deltas.sum(dim=0).div_(deltas.shape[0])
+    total = torch.zeros_like(mean) if out is None else out.zero_()
+    for delta in deltas:
+        total.add_((delta - mean).square_())
+    return total.div_(deltas.shape[0])
 
 
 def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -33,7 +49,7 @@ def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
         return torch.ones(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
     if fraction <= 0:
         return torch.zeros(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
-    var = torch.var(deltas, dim=0, unbiased=False)
+    var = population_variance(deltas)
     k = int(int(torch.count_nonzero(var)) * fraction)
     mask = torch.zeros(var.numel(), dtype=torch.bool, device=deltas.device)
     if k > 0:
@@ -52,9 +68,11 @@ def sce_merge(
     del generator
     if base is None:
         raise RecipeError("sce: needs a base model")
-    base = base.float()
     if not experts:
-        return base.clone()
+        return base.float().clone()
+    if worth_chunking(base):
+        return _sce_in_chunks(base, experts, float(select_topk))
+    base = base.float()
     deltas = torch.stack([e.float() - base for e in experts])
     if select_topk < 1:
         deltas.mul_(variance_mask(deltas, float(select_topk)))
@@ -73,6 +91,57 @@ def sce_merge(
         mixed.add_(delta * agree, alpha=w)
         divisor.add_(agree, alpha=w)
     return mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).add_(base)
+
+
+def _deltas(chunk: list[torch.Tensor]) -> torch.Tensor:
+    """(N, chunk) task vectors from one chunk of [base, expert_1, ..., expert_N]."""
+    return torch.stack(chunk[1:]).sub_(chunk[0])
+
+
+def _sce_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
+                   fraction: float) -> torch.Tensor:
+    """The same three steps with the whole-tensor quantities (the variance threshold and
+    count, the energies) summed over chunks, so no float32 copy of the inputs is held (see
+    :mod:`polymerge.methods.chunks`). Ties at the variance threshold go to the lowest
+    positions (``topk`` on whole tensors picks among them in no defined order)."""
+    inputs = [base, *experts]
+    n, numel = len(experts), base.numel()
+    keep = torch.ones(numel, dtype=torch.bool)
+    if fraction < 1:
+        keep.zero_()
+        # The variances are kept (one float32 tensor, not N+1): computing them is the
+        # expensive step, and the threshold needs two passes over them.
+        variance = torch.empty(numel, dtype=torch.float32)
+        if fraction > 0:
+            for b, e, chunk in float_chunks(inputs):
+                population_variance(_deltas(chunk), out=variance[b:e])
+        k = int(int(torch.count_nonzero(variance)) * fraction) if fraction > 0 else 0
+        if k > 0:
+            pieces = [variance[b:e] for b, e in spans(numel)]
+            threshold, larger = kth_largest_in_chunks(lambda: pieces, k)
+            in_order = TopkInOrder(threshold, k, larger)
+            for (b, e), var in zip(spans(numel), pieces, strict=True):
+                keep[b:e] = in_order(var)
+    squares = torch.zeros(n, dtype=torch.float64)
+    for b, e, chunk in float_chunks(inputs):
+        deltas = _deltas(chunk).mul_(keep[b:e])
+        squares += deltas.square().sum(dim=1, dtype=torch.float64)
+    energy = squares / numel
+    total = float(energy.sum())
+    weights = [1.0 / n] * n if abs(total) < WEIGHT_SUM_EPS else (energy / total).tolist()
+    out = torch.empty(base.shape, dtype=torch.float32)
+    flat_out = out.view(-1)
+    for b, e, chunk in float_chunks(inputs):
+        deltas = _deltas(chunk).mul_(keep[b:e])
+        elected_positive = deltas.sum(dim=0) >= 0
+        mixed = torch.zeros_like(chunk[0])
+        divisor = torch.zeros_like(chunk[0])
+        for w, delta in zip(weights, deltas, strict=True):
+            agree = torch.where(elected_positive, delta > 0, delta < 0)
+            mixed.add_(delta * agree, alpha=w)
+            divisor.add_(agree, alpha=w)
+        flat_out[b:e] = mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).add_(chunk[0])
+    return out
 
 
 SCE = MergeMethod(
