@@ -488,7 +488,7 @@ def sparse_experts(base: torch.Tensor, n: int, seed: int, keep: float = 0.5
 
 
 @pytest.mark.parametrize("shape", [(6, 8), (20,)])
-def test_ram_reference(shape: tuple[int, ...]) -> None:
+def test_ram_reference(shape: tuple[int, ...], chunking: str) -> None:
     base = randn(shape, 0)
     experts = sparse_experts(base, 3, 20)
     assert_close(merge("ram", base, experts), ref_ram(base, experts))
@@ -497,7 +497,8 @@ def test_ram_reference(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("shape", [(6, 8), (20,)])
 @pytest.mark.parametrize("r,alpha", [(0.1, 0.2), (0.5, 0.8), (2.0, 5.0)])
-def test_ramplus_tl_reference(shape: tuple[int, ...], r: float, alpha: float) -> None:
+def test_ramplus_tl_reference(shape: tuple[int, ...], r: float, alpha: float,
+                              chunking: str) -> None:
     base = randn(shape, 0)
     experts = sparse_experts(base, 3, 30, keep=0.4)
     out = merge("ramplus_tl", base, experts, r=r, alpha=alpha)
@@ -505,7 +506,7 @@ def test_ramplus_tl_reference(shape: tuple[int, ...], r: float, alpha: float) ->
     assert (out - merge("ram", base, experts)).abs().max() > 1e-4  # the boost shows
 
 
-def test_ram_edges() -> None:
+def test_ram_edges(chunking: str) -> None:
     base = randn((5, 4), 0)
     e = sparse_experts(base, 2, 40)
     assert_close(merge("ram", base, e[:1]), e[0])  # one model: its changes

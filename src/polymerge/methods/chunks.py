@@ -30,9 +30,11 @@ def spans(numel: int) -> list[tuple[int, int]]:
 def float_chunks(tensors: Sequence[torch.Tensor]
                  ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
     """Each span with the tensors' entries in it, flattened and converted to float32 (new
-    tensors, free to modify in place)."""
+    tensors, free to modify in place); one span of everything where chunking is not worth it
+    (small or GPU tensors)."""
     flat = [t.reshape(-1) for t in tensors]
-    for b, e in spans(flat[0].numel()):
+    numel = flat[0].numel()
+    for b, e in spans(numel) if worth_chunking(tensors[0]) else [(0, numel)]:
         yield b, e, [t[b:e].to(torch.float32, copy=True) for t in flat]
 
 

@@ -18,35 +18,52 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods.chunks import float_chunks
 from polymerge.methods.schema import MergeMethod, Param
 
 
 def _ram(base: torch.Tensor, experts: Sequence[torch.Tensor], *, epsilon: float,
          r: float | None = None, alpha: float = 0.0) -> torch.Tensor:
-    """RAM (``r is None``) or tensor-local RAM+ of one tensor."""
+    """RAM (``r is None``) or tensor-local RAM+ of one tensor.
+
+    Computed chunk by chunk from the inputs as stored (see :mod:`polymerge.methods.chunks`):
+    RAM+ first counts each expert's shared and unique changes over the whole tensor, then
+    mixes; no float32 copy of the inputs is held.
+    """
     if base is None:
         raise RecipeError("ram: needs a base model")
-    base = base.float()
     if not experts:
-        return base.clone()
-    deltas = torch.stack([e.float() - base for e in experts])
-    changed = deltas.abs() > epsilon
-    counts = changed.sum(dim=0)
-    unique = counts == 1
-    shared = counts > 1
-    deltas.mul_(changed)
-    # Entries changed by one expert: its change; by several: their mean; by none: 0.
-    mixed = deltas.sum(dim=0).div_(counts.clamp(min=1))
-    if r is None:
-        return mixed.add_(base)
+        return base.float().clone()
     n = len(experts)
-    shared_counts = (changed & shared).reshape(n, -1).sum(dim=1)
-    unique_counts = (changed & unique).reshape(n, -1).sum(dim=1)
-    rho = shared_counts / unique_counts.clamp(min=epsilon)
-    boost = (rho.clamp(min=0, max=alpha) * r).reshape(-1, *([1] * base.dim()))
-    # Unique entries get lambda_i = 1 + boost_i: add boost_i * d_i where expert i is alone.
-    extra = (deltas * boost * unique).sum(dim=0)
-    return mixed.add_(extra).add_(base)
+    inputs = [base, *experts]
+
+    def changes(chunk: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        deltas = torch.stack(chunk[1:]).sub_(chunk[0])
+        changed = deltas.abs() > epsilon
+        return deltas, changed, changed.sum(dim=0)
+
+    boost = None
+    if r is not None:
+        shared_counts = torch.zeros(n, dtype=torch.int64, device=base.device)
+        unique_counts = torch.zeros(n, dtype=torch.int64, device=base.device)
+        for _, _, chunk in float_chunks(inputs):
+            _, changed, counts = changes(chunk)
+            shared_counts += (changed & (counts > 1)).sum(dim=1)
+            unique_counts += (changed & (counts == 1)).sum(dim=1)
+        rho = shared_counts / unique_counts.clamp(min=epsilon)
+        boost = (rho.clamp(min=0, max=alpha) * r).reshape(-1, 1)
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    flat_out = out.view(-1)
+    for b, e, chunk in float_chunks(inputs):
+        deltas, changed, counts = changes(chunk)
+        deltas.mul_(changed)
+        # Entries changed by one expert: its change; by several: their mean; by none: 0.
+        mixed = deltas.sum(dim=0).div_(counts.clamp(min=1))
+        if boost is not None:
+            # Unique entries get lambda_i = 1 + boost_i: add boost_i * d_i where i is alone.
+            mixed.add_((deltas * boost * (counts == 1)).sum(dim=0))
+        flat_out[b:e] = mixed.add_(chunk[0])
+    return out
 
 
 def ram_merge(
