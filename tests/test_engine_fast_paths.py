@@ -144,6 +144,28 @@ def test_inputs_handed_over_as_stored_give_the_float32_result(make_models, outs,
         assert torch.equal(got[name], expected), name
 
 
+@pytest.mark.parametrize("method,params", [
+    ("model_stock", {}), ("multislerp", {"weight": 1.0}), ("karcher", {}), ("sce", {}),
+    ("ramplus_tl", {}), ("arcee_fusion", {})])
+def test_methods_given_inputs_as_stored_equal_their_float32_result(make_models, outs, method,
+                                                                   params):
+    """Methods that convert bf16 inputs themselves (chunk by chunk where it pays) give what
+    they give on whole float32 copies."""
+    n = 1 if method == "arcee_fusion" else 3
+    ms = make_models("llama", n, dtype=torch.bfloat16)
+    assert get_tensor_method(method).converts_inputs
+    recipe = {"merge_method": method, "base_model": str(ms.base), "dtype": "float32",
+              "models": [{"model": str(e), "parameters": params} for e in ms.experts]}
+    got = load_state(polymerge.merge(recipe, outs / method, progress=False))
+    fn = get_tensor_method(method).fn
+    base = load_state(ms.base)
+    experts = [load_state(e) for e in ms.experts]
+    per_model = {k: [v] * n for k, v in params.items()}
+    for name, b in base.items():
+        expected = fn(b.float(), [e[name].float() for e in experts], **per_model)
+        assert torch.equal(got[name], expected), name
+
+
 @pytest.mark.parametrize("chunk", [64, 1 << 18])
 @pytest.mark.parametrize("kind", ["uniform", "bf16 deltas", "few values", "huge range", "zeros"])
 def test_radix_select_equals_a_sort(kind, chunk, monkeypatch):

@@ -455,6 +455,10 @@ def test_demo_prints_the_comparison(mini: ClsSuite, refs: dict, tmp_path: Path) 
         assert label in out
     assert f"plot written to {tmp_path / 'demo.png'}" in out
     assert (tmp_path / "demo.png").stat().st_size > 1000
+    for store in ("channel store", "twin store", "EMR store"):
+        assert [r.extra["routing"] for r in res["rows"] if r.name.startswith(store)] == \
+            ["oracle", "router"]
+    assert "EMR store, expert named" in out and "EMR store, routed" in out
     ta = next(r for r in res["rows"] if r.name.startswith("task arithmetic"))
     assert ta.extra["recipe"]["parameters"] == {"lambda": 0.3}
     assert set(ta.scores) == set(mini.tasks)

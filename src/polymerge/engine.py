@@ -267,12 +267,12 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     ``pure``: ``compute`` depends on nothing but its arguments (a static method's function), so
     on the CPU several tensors are computed at once, one per torch thread, each single-threaded
     (independent tensors scale better than one tensor's operations split across threads);
-    tensors in flight are bounded to the plan's largest, so peak memory stays that of one
-    tensor at a time. Jobs for which ``chunkable(job)`` holds (needs ``pure``) are computed in
-    cache-sized chunks (see the module docstring): ``compute`` must then be elementwise, and
-    what ``consume`` gets is already in the job's output dtype. ``native_inputs``: the inputs
-    (not the base) reach ``compute`` in their stored dtype, for a compute that converts them
-    one at a time itself.
+    tensors in flight are bounded to the plan's largest and a quarter, so peak memory stays
+    about that of one tensor at a time. Jobs for which ``chunkable(job)`` holds (needs
+    ``pure``) are computed in cache-sized chunks (see the module docstring): ``compute`` must
+    then be elementwise, and what ``consume`` gets is already in the job's output dtype.
+    ``native_inputs``: the inputs (not the base) reach ``compute`` in their stored dtype, for
+    a compute that converts them one at a time itself.
     """
     dev = resolve_device(device)
     stats = EngineStats()
@@ -302,7 +302,12 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         return compute(job, base, inputs, generator)
 
     buffers = _BufferPool()
-    budget = max((job.out.numel for job in plan.jobs), default=0)
+    # Tensors in flight hold at most the largest tensor's elements and a quarter more: with
+    # exactly the largest, nothing else ran beside an embedding or LM head, which are half of a
+    # small model (one core idle for that half); a quarter more lets the layers' tensors run on
+    # the other cores meanwhile.
+    largest = max((job.out.numel for job in plan.jobs), default=0)
+    budget = largest + largest // 4
     in_flight: deque[tuple[_Loaded, Future[object]]] = deque()
 
     def finish(loaded: _Loaded, result: object) -> None:

@@ -81,6 +81,7 @@ ARCEE_FUSION = MergeMethod(
     max_experts=1,
     random=True,
     reference="https://arcee.ai",
+    converts_inputs=True,
 )
 
 METHODS = (ARCEE_FUSION,)

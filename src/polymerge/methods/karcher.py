@@ -167,6 +167,7 @@ KARCHER = MergeMethod(
     base_policy="input",
     min_experts=1,
     reference="https://arxiv.org/abs/2603.04972",
+    converts_inputs=True,
 )
 
 METHODS = (KARCHER,)

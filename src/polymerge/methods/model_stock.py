@@ -99,6 +99,7 @@ MODEL_STOCK = MergeMethod(
     base_policy="required",
     min_experts=2,
     reference="https://arxiv.org/abs/2403.19522",
+    converts_inputs=True,
 )
 
 METHODS = (MODEL_STOCK,)

@@ -174,6 +174,7 @@ MULTISLERP = MergeMethod(
     min_experts=1,
     check_params=check_multislerp_params,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    converts_inputs=True,
 )
 
 METHODS = (MULTISLERP,)

@@ -50,6 +50,7 @@ NEARSWAP = MergeMethod(
     max_experts=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     elementwise=lambda params: True,
+    converts_inputs=True,
 )
 
 METHODS = (NEARSWAP,)

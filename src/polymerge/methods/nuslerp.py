@@ -104,6 +104,7 @@ NUSLERP = MergeMethod(
     min_experts=2,
     max_experts=2,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    converts_inputs=True,
 )
 
 METHODS = (NUSLERP,)

@@ -48,6 +48,7 @@ PASSTHROUGH = MergeMethod(
     max_experts=1,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
     elementwise=lambda params: True,
+    converts_inputs=True,
 )
 
 METHODS = (PASSTHROUGH,)

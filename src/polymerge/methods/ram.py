@@ -105,6 +105,7 @@ RAM = MergeMethod(
     min_experts=1,
     reference="https://arxiv.org/abs/2601.13572",
     elementwise=lambda params: True,
+    converts_inputs=True,
 )
 
 RAMPLUS_TL = MergeMethod(
@@ -121,6 +122,7 @@ RAMPLUS_TL = MergeMethod(
     base_policy="required",
     min_experts=1,
     reference="https://arxiv.org/abs/2601.13572",
+    converts_inputs=True,
 )
 
 METHODS = (RAM, RAMPLUS_TL)

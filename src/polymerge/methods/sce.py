@@ -156,6 +156,7 @@ SCE = MergeMethod(
     base_policy="required",
     min_experts=1,
     reference="https://arxiv.org/abs/2408.07990",
+    converts_inputs=True,
 )
 
 METHODS = (SCE,)

@@ -84,6 +84,7 @@ SLERP = MergeMethod(
     min_experts=1,
     max_experts=1,
     reference="https://doi.org/10.1145/325165.325242",
+    converts_inputs=True,
 )
 
 METHODS = (SLERP,)

@@ -4,8 +4,10 @@ It builds (or reuses) the cls zoo, merges it three ways with the settings the pa
 (task arithmetic, TIES, DARE), builds three expert stores with their defaults (channel, twin,
 EMR) and trains their routers on the suite's validation queries, scores everything on the test
 sets with each task's own head, and prints the table next to the base and the ensemble, then
-writes the score-against-size picture. The work is cells of :mod:`polymerge.zoo.sweep`, so a
-second run reuses every row (``fresh=True`` recomputes).
+writes the score-against-size picture. A store is scored twice: with each request naming its
+expert (what a client does with the server's ``model`` field) and routed by its router, whose
+mistakes cost what the gap between the two rows shows. The work is cells of
+:mod:`polymerge.zoo.sweep`, so a second run reuses every row (``fresh=True`` recomputes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from polymerge.zoo.evaluate import cross_task_table, fmt, primary, text_table
 from polymerge.zoo.suite import Suite
 from polymerge.zoo.sweep import (
+    ORACLE,
     ROUTER,
     Cell,
     normalized_of,
@@ -58,7 +61,7 @@ def demo_cells(suite: Suite) -> list[Cell]:
         cells.append(Cell(label, "static", label.split(" (")[0], plan.recipe, note=plan.note))
     for method, label, family, params in DEMO_STORES:
         cells.append(Cell(label, family, label, store_recipe(suite, method, **params),
-                          (ROUTER,)))
+                          (ORACLE, ROUTER)))
     return cells
 
 
@@ -87,7 +90,8 @@ def run_demo(suite: Suite, *, out: Path | None = None, progress: bool = True,
     for r in [base, *rows, ensemble]:
         p = primary(suite, r.scores)
         norm = normalized_of(suite, r, refs["ensemble"])
-        name = r.name.replace(" (router)", ", routed")
+        name = r.name.replace(f" ({ROUTER})", ", routed").replace(f" ({ORACLE})",
+                                                                   ", expert named")
         table.append([name, *[fmt(suite, suite.primary, p.get(t)) for t in suite.tasks],
                       "–" if not math.isfinite(norm) else f"{norm:.1f}",
                       "–" if r.params_ratio is None else f"{r.params_ratio:.2f}",
@@ -95,7 +99,9 @@ def run_demo(suite: Suite, *, out: Path | None = None, progress: bool = True,
     echo("")
     echo(f"Test {suite.primary} (%) with each task's own head; normalized = score / own "
          "expert x 100, averaged over tasks; size = bytes stored / the ensemble's (N "
-         "experts); stores are routed by their trained routers:")
+         "experts); a store either answers each request with the expert it names (as a "
+         "client names it in the server's `model` field) or routes it with its trained "
+         "router:")
     echo(text_table(header, table))
     echo("")
     echo("Each expert on every task (the diagonal is the ensemble):")
