@@ -185,9 +185,11 @@ def test_radix_select_equals_a_sort(kind, chunk, monkeypatch):
     ranked = sorted(a.tolist(), reverse=True)
     for k in (1, 2, n // 3, n // 2, n - 1, n):
         assert kth_largest_magnitude(a, k).item() == ranked[k - 1], (kind, k)
-        value, larger = kth_largest_in_chunks(lambda: a.split(chunk), k)
-        assert value.item() == ranked[k - 1]
-        assert larger == sum(v > ranked[k - 1] for v in ranked), (kind, k)
+        for values_at in (None, lambda at: a[at]):  # two passes, or one and a lookup
+            value, larger = kth_largest_in_chunks(lambda: a.split(chunk), k,
+                                                  values_at=values_at)
+            assert value.item() == ranked[k - 1]
+            assert larger == sum(v > ranked[k - 1] for v in ranked), (kind, k)
 
 
 def _ties_by_definition(base, experts, weights, densities, lam):

@@ -331,9 +331,17 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         if workers > 1 else None
     try:
         with _torch_threads(1) if pool is not None else contextlib.nullcontext():
-            for loaded in _prefetched(plan, plan.jobs, chunked, buffers):
+            for index, loaded in enumerate(_prefetched(plan, plan.jobs, chunked, buffers)):
                 if pool is None:
                     finish(loaded, run(loaded))
+                    continue
+                if index == len(plan.jobs) - 1:
+                    # The last tensor (often the LM head, one of the largest) would otherwise
+                    # run alone on one core: once the others are done, it gets every thread.
+                    while in_flight:
+                        finish_oldest()
+                    with _torch_threads(workers):
+                        finish(loaded, run(loaded))
                     continue
                 while in_flight and (len(in_flight) >= workers or loaded.job.out.numel + sum(
                         lo.job.out.numel for lo, _ in in_flight) > budget):

@@ -38,6 +38,36 @@ def float_chunks(tensors: Sequence[torch.Tensor]
         yield b, e, [t[b:e].to(torch.float32, copy=True) for t in flat]
 
 
-def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Dot product of two chunks, to be summed over chunks as a Python float (double)."""
-    return float(torch.dot(a, b))
+def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 Gram matrix ``G[i, j] = v_i . v_j`` of ``v_i = tensors[i] - base`` (or the
+    tensors themselves), every entry of each tensor one coordinate.
+
+    One pass over the inputs and one small matrix product per chunk: Model Stock, Multi-SLERP
+    and the Karcher mean only need these dot products, because their results are linear
+    combinations of the inputs.
+    """
+    inputs = list(tensors) if base is None else [base, *tensors]
+    n = len(tensors)
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for _, _, chunk in float_chunks(inputs):
+        vectors = torch.stack(chunk if base is None else chunk[1:])
+        if base is not None:
+            vectors.sub_(chunk[0])
+        total += (vectors @ vectors.T).double().cpu()
+    return total
+
+
+def combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float],
+            around: torch.Tensor | None = None) -> torch.Tensor:
+    """``around + sum_i coefs[i] * (tensors[i] - around)`` (without ``around``: the plain
+    weighted sum) as a new float32 tensor, chunk by chunk."""
+    inputs = list(tensors) if around is None else [around, *tensors]
+    out = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    flat_out = out.view(-1)
+    for b, e, chunk in float_chunks(inputs):
+        xs = chunk if around is None else [x.sub_(chunk[0]) for x in chunk[1:]]
+        total = xs[0].mul_(coefs[0])
+        for c, x in zip(coefs[1:], xs[1:], strict=True):
+            total += x.mul_(c)
+        flat_out[b:e] = total if around is None else total.add_(chunk[0])
+    return out

@@ -148,10 +148,10 @@ def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
 
     Two passes over the inputs in chunks that stay in the CPU's caches: the first finds each
     expert's top-k threshold by a radix select over ``|expert - base|`` computed a chunk at a
-    time, the second recomputes each chunk's deltas, keeps the top-k entries and mixes them.
-    Memory is the inputs (bf16 when the recipe computes in bf16) plus the float32 output, not
-    N float32 deltas; the result is bit-identical to sparsifying whole tensors (same operations
-    per entry, same ties kept).
+    time (keeping 2 bytes an entry for one expert at a time), the second recomputes each
+    chunk's deltas, keeps the top-k entries and mixes them. Memory is the inputs (bf16 when
+    the recipe computes in bf16) plus the float32 output, not N float32 deltas; the result is
+    bit-identical to sparsifying whole tensors (same operations per entry, same ties kept).
     """
     numel = base.numel()
     flat_base = base.reshape(-1)
@@ -168,7 +168,9 @@ def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
         if density >= 1 or k >= numel:
             keeps.append(None)
             continue
-        threshold, larger = kth_largest_in_chunks(lambda e=expert: magnitudes(e), k)
+        threshold, larger = kth_largest_in_chunks(
+            lambda e=expert: magnitudes(e), k,
+            values_at=lambda at, e=expert: (e[at].float() - flat_base[at].float()).abs_())
         keeps.append(TopkInOrder(threshold, k, larger))
     out = torch.empty(base.shape, dtype=torch.float32)
     flat_out = out.view(-1)
@@ -179,7 +181,7 @@ def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
             delta = expert[b:e].float() - base_chunk
             if keep is not None:
                 delta = delta * keep(delta.abs())
-            weighted.append(delta.mul_(w))
+            weighted.append(delta.mul_(w) if w != 1 else delta)
         flat_out[b:e] = _mix(base_chunk, weighted, weights, consensus=consensus,
                              normalize=normalize, lam=lam)
     return out
@@ -192,15 +194,17 @@ def _mix(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence
         for delta in weighted[1:]:
             total.add_(delta)
         elected = torch.where(total >= 0, 1.0, -1.0)
-        mixed = torch.zeros_like(base)
+        magnitude = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for w, delta in zip(weights, weighted, strict=True):
-            # sign(delta) == elected sign; zero entries agree with neither sign. (A product
-            # with +-1 is exact and cheaper than choosing between two comparisons.)
-            agree = delta * elected > 0
-            mixed.add_(delta * agree)
-            divisor.add_(agree, alpha=w)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+            # |delta| where its sign is the elected one, else 0 (zero entries agree with
+            # neither sign). All float arithmetic: a product with +-1 is exact, and float-bool
+            # mixes (delta * mask, adding a mask) cost twice as much on CPU.
+            agreeing = (delta * elected).clamp_(min=0)
+            magnitude.add_(agreeing)
+            divisor.add_(agreeing.sign(), alpha=w)
+        mixed = magnitude.mul_(elected)  # rounding is symmetric: the same sums, signed
+        divisor = torch.where(divisor == 0, 1.0, divisor)
     else:
         mixed = weighted[0].clone()
         for delta in weighted[1:]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
-from polymerge.methods.chunks import dot, float_chunks, worth_chunking
+from polymerge.methods.chunks import combine, gram, worth_chunking
 from polymerge.methods.schema import MergeMethod, Param
 
 
@@ -87,71 +87,55 @@ def karcher_merge(
 
 def _karcher_in_chunks(experts: Sequence[torch.Tensor], *, max_iter: int, tol: float
                        ) -> torch.Tensor:
-    """:func:`karcher_mean` with equal weights, holding only the direction (the output) in
-    float32: norms and every dot product are summed over chunks of the inputs as stored (see
-    :mod:`polymerge.methods.chunks`). The tangent ``sum_i c_i (u_i - cos_i m)`` is computed as
-    ``sum_i c_i u_i - (sum_i c_i cos_i) m``, the same vector; three passes an iteration."""
-    squares = [0.0] * len(experts)
-    for _, _, xs in float_chunks(experts):
-        for i, x in enumerate(xs):
-            squares[i] += dot(x, x)
-    norms = [math.sqrt(s) for s in squares]
-    scale = sum(norms) / len(experts)
-    taking_part = [i for i, r in enumerate(norms) if r > tol]
-    out = torch.zeros(experts[0].shape, dtype=torch.float32)
-    if not taking_part:
-        return out
-    weight = 1.0 / len(taking_part)
-    mean = out.view(-1)
+    """:func:`karcher_mean` with equal weights from the Gram matrix of the inputs (one pass),
+    then the result as a linear combination of them (another); no float32 copy of the inputs
+    is held (see :mod:`polymerge.methods.chunks`).
 
-    def combine(coefs: dict[int, float], xs: list[torch.Tensor]) -> torch.Tensor:
-        """sum_i coefs[i] u_i of one chunk, products rounded before they are added."""
-        items = iter(coefs.items())
-        first, c = next(items)
-        total = xs[first] * (c / norms[first])
-        for i, c in items:
-            total += xs[i] * (c / norms[i])
-        return total
+    The direction always lies in the span of the unit vectors ``u_i`` (it starts as their mean
+    and every tangent is a combination of them), so it is kept as coefficients ``a`` with
+    ``m = sum_i a_i u_i``, and every dot product the iteration needs comes from the Gram
+    matrix, in double precision.
+    """
+    n = len(experts)
+    g = gram(experts).tolist()
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
+    scale = sum(norms) / n
+    part = [i for i, r in enumerate(norms) if r > tol]
+    if not part:
+        return torch.zeros(experts[0].shape, dtype=torch.float32)
+    units = [[g[i][j] / (norms[i] * norms[j]) for j in part] for i in part]  # u_i . u_j
 
-    mean_square = 0.0
-    for b, e, xs in float_chunks(experts):
-        mean[b:e] = combine({i: weight for i in taking_part}, xs)
-        mean_square += dot(mean[b:e], mean[b:e])
-    if math.sqrt(mean_square) < tol:
-        mean.copy_(experts[taking_part[0]].reshape(-1)).div_(norms[taking_part[0]])
-    else:
-        mean.div_(math.sqrt(mean_square))
+    def dots(a: list[float]) -> list[float]:  # u_i . m for every i taking part
+        return [sum(row[j] * a[j] for j in range(len(part))) for row in units]
 
+    def length(a: list[float]) -> float:
+        return math.sqrt(max(0.0, sum(x * d for x, d in zip(a, dots(a), strict=True))))
+
+    weight = 1.0 / len(part)
+    a = [weight] * len(part)
+    norm = length(a)
+    a = [1.0] + [0.0] * (len(part) - 1) if norm < tol else [x / norm for x in a]
     for _ in range(max_iter):
-        cosines = dict.fromkeys(taking_part, 0.0)
-        for b, e, xs in float_chunks(experts):
-            for i in taking_part:
-                cosines[i] += dot(mean[b:e], xs[i]) / norms[i]
-        coefs: dict[int, float] = {}
-        for i in taking_part:
-            cosines[i] = min(1.0, max(-1.0, cosines[i]))
-            theta = math.acos(cosines[i])
+        cosines = [min(1.0, max(-1.0, c)) for c in dots(a)]
+        coefs = [0.0] * len(part)
+        for i, c in enumerate(cosines):
+            theta = math.acos(c)
             if theta >= tol:
                 coefs[i] = weight * theta / math.sin(theta)
-        if not coefs:
-            break
-        along = sum(c * cosines[i] for i, c in coefs.items())
-
-        def tangent(b: int, e: int, xs: list[torch.Tensor], coefs: dict[int, float] = coefs,
-                    along: float = along) -> torch.Tensor:
-            return combine(coefs, xs).sub_(mean[b:e], alpha=along)
-
-        step = math.sqrt(sum(dot(t, t) for t in (tangent(*c) for c in float_chunks(experts))))
+        along = sum(c * cos for c, cos in zip(coefs, cosines, strict=True))
+        tangent = [c - along * x for c, x in zip(coefs, a, strict=True)]
+        step = length(tangent)
         if step < tol:
             break
-        length_square = 0.0
-        for b, e, xs in float_chunks(experts):
-            t = tangent(b, e, xs)
-            mean[b:e] = mean[b:e] * math.cos(step) + t * (math.sin(step) / step)
-            length_square += dot(mean[b:e], mean[b:e])
-        if math.sqrt(length_square) > tol:
-            mean.div_(math.sqrt(length_square))
-    return out.mul_(scale)
+        a = [x * math.cos(step) + t * (math.sin(step) / step)
+             for x, t in zip(a, tangent, strict=True)]
+        norm = length(a)
+        if norm > tol:
+            a = [x / norm for x in a]
+    coefficients = [0.0] * n
+    for x, i in zip(a, part, strict=True):
+        coefficients[i] = scale * x / norms[i]
+    return combine(experts, coefficients)
 
 
 KARCHER = MergeMethod(

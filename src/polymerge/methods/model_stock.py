@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from polymerge.errors import RecipeError
-from polymerge.methods.chunks import dot, float_chunks, worth_chunking
+from polymerge.methods.chunks import combine, gram, worth_chunking
 from polymerge.methods.schema import MergeMethod, Param
 
 
@@ -64,27 +64,16 @@ def _ratio(n: int, mean_cos: float) -> float:
 
 
 def _model_stock_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The whole-tensor ratio from norms and dot products summed over chunks, then the
-    per-entry mix; holds no float32 copy of the inputs (see :mod:`polymerge.methods.chunks`)."""
+    """The whole-tensor ratio from the Gram matrix of the offsets (one pass), then
+    ``base + t * mean(offsets)`` (another); no float32 copy of the inputs is held (see
+    :mod:`polymerge.methods.chunks`)."""
     n = len(experts)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    squares = [0.0] * n
-    dots = [0.0] * len(pairs)
-    for _, _, (w0, *ws) in float_chunks([base, *experts]):
-        offsets = [w.sub_(w0) for w in ws]
-        for i, o in enumerate(offsets):
-            squares[i] += dot(o, o)
-        for p, (i, j) in enumerate(pairs):
-            dots[p] += dot(offsets[i], offsets[j])
-    norms = [math.sqrt(s) for s in squares]
-    cosines = [max(-1.0, min(1.0, d / max(norms[i] * norms[j], 1e-6)))
-               for d, (i, j) in zip(dots, pairs, strict=True)]
+    g = gram(experts, base).tolist()
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
+    cosines = [max(-1.0, min(1.0, g[i][j] / max(norms[i] * norms[j], 1e-6)))
+               for i in range(n) for j in range(i + 1, n)]
     t = _ratio(n, sum(cosines) / len(cosines))
-    out = torch.empty(base.shape, dtype=torch.float32)
-    flat_out = out.view(-1)
-    for b, e, (w0, *ws) in float_chunks([base, *experts]):
-        flat_out[b:e] = t * torch.stack(ws).mean(dim=0) + (1 - t) * w0
-    return out
+    return combine(experts, [t / n] * n, around=base)
 
 
 MODEL_STOCK = MergeMethod(

@@ -18,13 +18,13 @@ A single model is returned as is. When the weighted mean of the unit vectors van
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from polymerge.errors import RecipeError
-from polymerge.methods.chunks import dot, float_chunks, worth_chunking
+from polymerge.methods.chunks import combine, gram, worth_chunking
 from polymerge.methods.gta import per_model
 from polymerge.methods.schema import REQUIRED, MergeMethod, Param
 
@@ -87,69 +87,36 @@ def multislerp_merge(
 
 def _multislerp_in_chunks(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
                           weights: list[float], eps: float) -> torch.Tensor:
-    """The same steps with every whole-tensor quantity (norms, the mean's norm, each unit
-    vector's projection on the mean, the tangent's norm) summed over chunks, so no float32 copy
-    of the inputs is held (see :mod:`polymerge.methods.chunks`). Four passes over the inputs:
-    norms; the mean's norm and projections; the tangent (kept in the output buffer) and its
-    norm; the result."""
+    """The same steps from the Gram matrix of the vectors (one pass over the inputs), then the
+    result as a linear combination of them (another); no float32 copy of the inputs is held
+    (see :mod:`polymerge.methods.chunks`).
+
+    Every quantity lives in the span of the ``v_i``: the mean is ``sum_i c_i v_i`` with
+    ``c_i = w_i / (|v_i| + eps)``, its dot products come from the Gram matrix, and the tangent
+    ``sum_i w_i (u_i - (u_i . m) m)`` is the mean times ``1 - along / |mean|`` (zero but for
+    rounding: the weighted projections add up to the mean itself).
+    """
     n = len(experts)
-    inputs = list(experts) if base is None else [base, *experts]
-
-    def vectors() -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-        for b, e, chunk in float_chunks(inputs):
-            yield b, e, chunk if base is None else [x.sub_(chunk[0]) for x in chunk[1:]]
-
-    squares = [0.0] * n
-    for _, _, vs in vectors():
-        for i, v in enumerate(vs):
-            squares[i] += dot(v, v)
-    norms = [math.sqrt(s) for s in squares]
-    coef = [w / (r + eps) for w, r in zip(weights, norms, strict=True)]  # mean = sum coef_i v_i
-
-    def mean_of(vs: list[torch.Tensor]) -> torch.Tensor:
-        # Products rounded before they are added (no fused multiply-add): two opposite
-        # models with equal weights must cancel exactly, as in the whole-tensor sum.
-        mean = vs[0] * coef[0]
-        for c, v in zip(coef[1:], vs[1:], strict=True):
-            mean += v * c
-        return mean
-
-    mean_square, projections = 0.0, [0.0] * n  # projections[i] = u_i . mean (unnormalized)
-    for _, _, vs in vectors():
-        mean = mean_of(vs)
-        mean_square += dot(mean, mean)
-        for i, v in enumerate(vs):
-            projections[i] += dot(v, mean) / (norms[i] + eps)
-    mean_norm = math.sqrt(mean_square)
-    out = torch.empty(experts[0].shape, dtype=torch.float32)
-    flat_out = out.view(-1)
+    g = gram(experts, base).tolist()
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
+    coef = [w / (r + eps) for w, r in zip(weights, norms, strict=True)]
+    with_mean = [sum(g[i][j] * coef[j] for j in range(n)) for i in range(n)]  # v_i . mean
+    mean_norm = math.sqrt(max(0.0, sum(c * d for c, d in zip(coef, with_mean, strict=True))))
     if mean_norm < eps:
         if n != 2:
             raise RecipeError(
                 "multislerp: the weighted mean of the models' directions is zero (opposite "
                 "models whose weights cancel out); change the weights")
-        for b, e, vs in vectors():
-            flat_out[b:e] = vs[0] * weights[0] + vs[1] * weights[1]
-    else:
-        # tangent = sum_i w_i (u_i - (u_i . m) m) = sum_i w_i u_i - along * m, with m the unit
-        # mean: zero but for rounding (the weighted projections add up to the mean itself).
-        along = sum(w * p / mean_norm for w, p in zip(weights, projections, strict=True))
-        tangent_square = 0.0
-        for b, e, vs in vectors():
-            mean = mean_of(vs)  # sum_i w_i u_i
-            tangent = mean.sub_(mean / mean_norm, alpha=along)
-            flat_out[b:e] = tangent
-            tangent_square += dot(tangent, tangent)
-        tangent_norm = math.sqrt(tangent_square) + eps
-        cos, sin_ratio = math.cos(tangent_norm), math.sin(tangent_norm) / tangent_norm
-        scale = sum(r * w for r, w in zip(norms, weights, strict=True))
-        for b, e, vs in vectors():
-            unit_mean = mean_of(vs).div_(mean_norm)
-            flat_out[b:e] = (unit_mean * cos + flat_out[b:e] * sin_ratio) * scale
-    if base is not None:
-        for b, e, (x,) in float_chunks([base]):
-            flat_out[b:e] += x
-    return out
+        return combine(experts, weights, around=base)
+    along = sum(w * d / (r + eps)
+                for w, d, r in zip(weights, with_mean, norms, strict=True)) / mean_norm
+    shrink = 1.0 - along / mean_norm  # tangent = shrink * mean
+    tangent_norm = abs(shrink) * mean_norm + eps
+    scale = sum(r * w for r, w in zip(norms, weights, strict=True))
+    # m cos|t| + t sin|t| / |t|, with m = mean / |mean| and t = shrink * mean
+    factor = (math.cos(tangent_norm) / mean_norm
+              + shrink * math.sin(tangent_norm) / tangent_norm) * scale
+    return combine(experts, [factor * c for c in coef], around=base)
 
 
 def check_multislerp_params(params: dict[str, Any]) -> None:

@@ -69,10 +69,11 @@ def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
     return kth_largest_in_chunks(lambda: flat.split(_RADIX_CHUNK), k)[0]
 
 
-def kth_largest_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int
+def kth_largest_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int, *,
+                          values_at: Callable[[torch.Tensor], torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, int]:
     """The ``k``-th largest of non-negative float32 values that ``chunks()`` yields (contiguous
-    1-d pieces, the same each call; it is called twice), and how many values are larger.
+    1-d pieces, the same each call), and how many values are larger.
 
     A two-level radix select on the bit patterns, which order non-negative floats like their
     values: a histogram of the upper 16 bits finds the bucket holding the answer, a histogram
@@ -80,21 +81,34 @@ def kth_largest_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int
     ``kthvalue`` on CPU (which also degrades on the many equal values that bf16 deltas have).
     The values are only ever seen a chunk at a time, so a caller can compute them on the fly
     (TIES does, from the bf16 inputs) instead of holding the whole tensor.
+
+    ``chunks()`` is called twice, unless ``values_at`` (the values at given flat positions)
+    is given: then the upper 16 bits of every value are kept (2 bytes a value) and the
+    second level reads only the bucket's few values, so the data is computed once.
     """
-    # above[j]: how many entries have upper bits >= (2^15 - 1 - j).
     counts = torch.zeros(_HALF // 2, dtype=torch.int64)
+    uppers: list[torch.Tensor] = []
     for chunk in chunks():
-        counts += torch.bincount(chunk.view(torch.int32) >> 16, minlength=_HALF // 2)
+        upper = chunk.view(torch.int32) >> 16
+        counts += torch.bincount(upper, minlength=_HALF // 2)
+        if values_at is not None:
+            uppers.append(upper.to(torch.int16))  # < 2^15: the sign bit is 0
+    # above[j]: how many entries have upper bits >= (2^15 - 1 - j).
     above = counts.flip(0).cumsum(0)
     j = int(torch.searchsorted(above, k))
     bucket = _HALF // 2 - 1 - j
     before = int(above[j - 1]) if j > 0 else 0
-    counts_low = torch.zeros(_HALF, dtype=torch.int64)
-    for chunk in chunks():
-        bits = chunk.view(torch.int32)
+    if values_at is not None:
+        positions = torch.nonzero(torch.cat(uppers) == bucket).flatten()
+        del uppers
+        bucket_chunks: Iterable[torch.Tensor] = [values_at(positions).view(torch.int32)]
+    else:
         # Only the bucket's few entries are counted: selecting them first is about twice as
         # fast as a histogram of every entry with the others sent to a spare bin.
-        in_bucket = bits[(bits >> 16) == bucket]
+        bucket_chunks = (bits[(bits >> 16) == bucket]
+                         for bits in (c.view(torch.int32) for c in chunks()))
+    counts_low = torch.zeros(_HALF, dtype=torch.int64)
+    for in_bucket in bucket_chunks:
         counts_low += torch.bincount(in_bucket & (_HALF - 1), minlength=_HALF)
     above_low = counts_low.flip(0).cumsum(0)
     j_low = int(torch.searchsorted(above_low, k - before))
