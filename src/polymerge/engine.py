@@ -271,8 +271,8 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     about that of one tensor at a time. Jobs for which ``chunkable(job)`` holds (needs
     ``pure``) are computed in cache-sized chunks (see the module docstring): ``compute`` must
     then be elementwise, and what ``consume`` gets is already in the job's output dtype.
-    ``native_inputs``: the inputs (not the base) reach ``compute`` in their stored dtype, for
-    a compute that converts them one at a time itself.
+    ``native_inputs``: the base and the inputs reach ``compute`` in their stored dtype, for a
+    compute that converts them a piece at a time itself.
     """
     dev = resolve_device(device)
     stats = EngineStats()
@@ -297,8 +297,9 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
             for tensor, label in zip(sources, loaded.unchecked, strict=True):
                 check_finite(tensor, label, job.name)
             loaded.buffers.clear()  # the compute may keep views of them: not reused
-        base = loaded.base.to(dev, torch.float32) if loaded.base is not None else None
-        inputs = [t.to(dev, None if native_inputs else torch.float32) for t in loaded.inputs]
+        dtype = None if native_inputs else torch.float32
+        base = loaded.base.to(dev, dtype) if loaded.base is not None else None
+        inputs = [t.to(dev, dtype) for t in loaded.inputs]
         return compute(job, base, inputs, generator)
 
     buffers = _BufferPool()

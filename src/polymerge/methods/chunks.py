@@ -28,14 +28,18 @@ def spans(numel: int) -> list[tuple[int, int]]:
 
 
 def float_chunks(tensors: Sequence[torch.Tensor]
-                 ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-    """Each span with the tensors' entries in it, flattened and converted to float32 (new
-    tensors, free to modify in place); one span of everything where chunking is not worth it
+                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Each span with the tensors' entries in it as the rows of one new float32 block
+    ``(len(tensors), end - begin)``, free to modify in place (converted straight into place:
+    no per-input copy to stack); one span of everything where chunking is not worth it
     (small or GPU tensors)."""
     flat = [t.reshape(-1) for t in tensors]
     numel = flat[0].numel()
     for b, e in spans(numel) if worth_chunking(tensors[0]) else [(0, numel)]:
-        yield b, e, [t[b:e].to(torch.float32, copy=True) for t in flat]
+        block = torch.empty(len(flat), e - b, dtype=torch.float32, device=flat[0].device)
+        for row, t in zip(block, flat, strict=True):
+            row.copy_(t[b:e])
+        yield b, e, block
 
 
 def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,10 +53,8 @@ def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> t
     inputs = list(tensors) if base is None else [base, *tensors]
     n = len(tensors)
     total = torch.zeros(n, n, dtype=torch.float64)
-    for _, _, chunk in float_chunks(inputs):
-        vectors = torch.stack(chunk if base is None else chunk[1:])
-        if base is not None:
-            vectors.sub_(chunk[0])
+    for _, _, block in float_chunks(inputs):
+        vectors = block if base is None else block[1:].sub_(block[0])
         total += (vectors @ vectors.T).double().cpu()
     return total
 
@@ -64,10 +66,10 @@ def combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float],
     inputs = list(tensors) if around is None else [around, *tensors]
     out = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     flat_out = out.view(-1)
-    for b, e, chunk in float_chunks(inputs):
-        xs = chunk if around is None else [x.sub_(chunk[0]) for x in chunk[1:]]
-        total = xs[0].mul_(coefs[0])
+    for b, e, block in float_chunks(inputs):
+        xs = block if around is None else block[1:].sub_(block[0])
+        total = xs[0].mul_(coefs[0])  # products rounded before they are added
         for c, x in zip(coefs[1:], xs[1:], strict=True):
             total += x.mul_(c)
-        flat_out[b:e] = total if around is None else total.add_(chunk[0])
+        flat_out[b:e] = total if around is None else total.add_(block[0])
     return out

@@ -37,32 +37,35 @@ def _ram(base: torch.Tensor, experts: Sequence[torch.Tensor], *, epsilon: float,
     n = len(experts)
     inputs = [base, *experts]
 
-    def changes(chunk: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        deltas = torch.stack(chunk[1:]).sub_(chunk[0])
+    def changes(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        deltas = block[1:].sub_(block[0])
         changed = deltas.abs() > epsilon
-        return deltas, changed, changed.sum(dim=0)
+        counts = changed[0].to(torch.int32)  # row by row: a reduction along dim 0 is slow
+        for row in changed[1:]:
+            counts += row
+        return deltas, changed, counts
 
     boost = None
     if r is not None:
         shared_counts = torch.zeros(n, dtype=torch.int64, device=base.device)
         unique_counts = torch.zeros(n, dtype=torch.int64, device=base.device)
-        for _, _, chunk in float_chunks(inputs):
-            _, changed, counts = changes(chunk)
+        for _, _, block in float_chunks(inputs):
+            _, changed, counts = changes(block)
             shared_counts += (changed & (counts > 1)).sum(dim=1)
             unique_counts += (changed & (counts == 1)).sum(dim=1)
         rho = shared_counts / unique_counts.clamp(min=epsilon)
         boost = (rho.clamp(min=0, max=alpha) * r).reshape(-1, 1)
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flat_out = out.view(-1)
-    for b, e, chunk in float_chunks(inputs):
-        deltas, changed, counts = changes(chunk)
+    for b, e, block in float_chunks(inputs):
+        deltas, changed, counts = changes(block)
         deltas.mul_(changed)
         # Entries changed by one expert: its change; by several: their mean; by none: 0.
         mixed = deltas.sum(dim=0).div_(counts.clamp(min=1))
         if boost is not None:
             # Unique entries get lambda_i = 1 + boost_i: add boost_i * d_i where i is alone.
             mixed.add_((deltas * boost * (counts == 1)).sum(dim=0))
-        flat_out[b:e] = mixed.add_(chunk[0])
+        flat_out[b:e] = mixed.add_(block[0])
     return out
 
 

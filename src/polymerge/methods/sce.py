@@ -93,9 +93,9 @@ def sce_merge(
     return mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).add_(base)
 
 
-def _deltas(chunk: list[torch.Tensor]) -> torch.Tensor:
-    """(N, chunk) task vectors from one chunk of [base, expert_1, ..., expert_N]."""
-    return torch.stack(chunk[1:]).sub_(chunk[0])
+def _deltas(block: torch.Tensor) -> torch.Tensor:
+    """(N, chunk) task vectors, in place, from one block of [base, expert_1, ..., expert_N]."""
+    return block[1:].sub_(block[0])
 
 
 def _sce_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
@@ -113,8 +113,8 @@ def _sce_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
         # expensive step, and the threshold needs two passes over them.
         variance = torch.empty(numel, dtype=torch.float32)
         if fraction > 0:
-            for b, e, chunk in float_chunks(inputs):
-                population_variance(_deltas(chunk), out=variance[b:e])
+            for b, e, block in float_chunks(inputs):
+                population_variance(_deltas(block), out=variance[b:e])
         k = int(int(torch.count_nonzero(variance)) * fraction) if fraction > 0 else 0
         if k > 0:
             pieces = [variance[b:e] for b, e in spans(numel)]
@@ -123,24 +123,24 @@ def _sce_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
             for (b, e), var in zip(spans(numel), pieces, strict=True):
                 keep[b:e] = in_order(var)
     squares = torch.zeros(n, dtype=torch.float64)
-    for b, e, chunk in float_chunks(inputs):
-        deltas = _deltas(chunk).mul_(keep[b:e])
+    for b, e, block in float_chunks(inputs):
+        deltas = _deltas(block).mul_(keep[b:e])
         squares += deltas.square().sum(dim=1, dtype=torch.float64)
     energy = squares / numel
     total = float(energy.sum())
     weights = [1.0 / n] * n if abs(total) < WEIGHT_SUM_EPS else (energy / total).tolist()
     out = torch.empty(base.shape, dtype=torch.float32)
     flat_out = out.view(-1)
-    for b, e, chunk in float_chunks(inputs):
-        deltas = _deltas(chunk).mul_(keep[b:e])
+    for b, e, block in float_chunks(inputs):
+        deltas = _deltas(block).mul_(keep[b:e])
         elected_positive = deltas.sum(dim=0) >= 0
-        mixed = torch.zeros_like(chunk[0])
-        divisor = torch.zeros_like(chunk[0])
+        mixed = torch.zeros_like(block[0])
+        divisor = torch.zeros_like(block[0])
         for w, delta in zip(weights, deltas, strict=True):
             agree = torch.where(elected_positive, delta > 0, delta < 0)
             mixed.add_(delta * agree, alpha=w)
             divisor.add_(agree, alpha=w)
-        flat_out[b:e] = mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).add_(chunk[0])
+        flat_out[b:e] = mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).add_(block[0])
     return out
 
 

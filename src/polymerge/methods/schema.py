@@ -127,8 +127,9 @@ class MergeMethod(Schema):
     draws would depend on the chunking)."""
 
     converts_inputs: bool = False
-    """``fn`` converts each input to float32 itself, one at a time (``expert.float()``), so the
-    engine hands them over as stored: a float32 copy of every input at once is not needed."""
+    """``fn`` converts the base and each input to float32 itself, one at a time or a chunk at a
+    time, so the engine hands them over as stored: a float32 copy of every input at once is
+    not needed."""
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise is not None and not self.random and self.elementwise(params)
