@@ -1,0 +1,63 @@
+"""Per-tensor cost of the whole-tensor methods: chunked path against whole tensors.
+
+One bf16 tensor of 2816 x 1024 entries (an MLP weight of the 0.5 B benchmark model), a base and
+four experts (base + N(0, 0.002)), one torch thread. Each method's function runs on the inputs
+as stored twice: with its cache-sized chunks (what a merge runs on CPU) and with chunking
+turned off (the whole-tensor path, what polymerge ran before and still runs on small or GPU
+tensors). Prints the median of a few calls and the largest difference between the two.
+
+    python bench/method_kernels.py [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from polymerge.methods import chunks, gta
+from polymerge.registry import get_tensor_method
+
+CASES = {
+    "ties": {"weight": [1.0] * 4, "density": [0.3] * 4},
+    "model_stock": {},
+    "multislerp": {"weight": [0.25] * 4},
+    "karcher": {},
+    "sce": {"select_topk": 0.5},
+    "ramplus_tl": {},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    shape = (2816, 1024)
+    base = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    experts = [(base.float() + torch.randn(shape, generator=gen) * 0.002).to(torch.bfloat16)
+               for _ in range(4)]
+    defaults = (chunks.CHUNK, gta._MIX_CHUNK)
+    print(f"{'method':12s} {'whole s':>8s} {'chunked s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
+    for name, params in CASES.items():
+        fn = get_tensor_method(name).fn
+        seconds, outs = {}, {}
+        for label, chunk in (("whole", 1 << 40), ("chunked", None)):
+            chunks.CHUNK, gta._MIX_CHUNK = defaults if chunk is None else (chunk, chunk)
+            times = []
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                outs[label] = fn(base, experts, **params)
+                times.append(time.perf_counter() - start)
+            seconds[label] = statistics.median(times)
+        chunks.CHUNK, gta._MIX_CHUNK = defaults
+        diff = float((outs["whole"] - outs["chunked"]).abs().max())
+        print(f"{name:12s} {seconds['whole']:8.3f} {seconds['chunked']:10.3f} "
+              f"{seconds['whole'] / seconds['chunked']:8.1f}x {diff:11.2e}")
+
+
+if __name__ == "__main__":
+    main()
