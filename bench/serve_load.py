@@ -169,10 +169,14 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- servers
 
 
+SERVER_DEVICE = "cpu"  # --device: where the servers run (the in-process tables stay on the CPU)
+
+
 class Server:
     def __init__(self, target: Path, *args: str, base: Path | None = None) -> None:
         cmd = [sys.executable, "-m", "polymerge.cli", "serve", str(target), "--port", "0",
-               "--threads", "1", "--max-queue", "4096", "--timeout", "300", *args]
+               "--threads", "1", "--max-queue", "4096", "--timeout", "300",
+               "--device", SERVER_DEVICE, *args]
         if base is not None:
             cmd += ["--base", str(base)]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
@@ -657,7 +661,11 @@ def main() -> int:
     p.add_argument("--soak-store", default="channel", choices=["twin", "channel"])
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--soak-interval", type=float, default=5.0)
+    p.add_argument("--device", default="cpu",
+                   help="device of every server started (`polymerge serve --device`), e.g. cuda")
     args = p.parse_args()
+    global SERVER_DEVICE
+    SERVER_DEVICE = args.device
     started = time.monotonic()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     args.workdir.mkdir(parents=True, exist_ok=True)
