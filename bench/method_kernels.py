@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from polymerge.methods import chunks, gta
+from polymerge.methods import chunks
 from polymerge.registry import get_tensor_method
 
 CASES = {
@@ -40,20 +40,20 @@ def main() -> None:
     base = torch.randn(shape, generator=gen).to(torch.bfloat16)
     experts = [(base.float() + torch.randn(shape, generator=gen) * 0.002).to(torch.bfloat16)
                for _ in range(4)]
-    defaults = (chunks.CHUNK, gta._MIX_CHUNK)
+    default = chunks.CHUNK
     print(f"{'method':12s} {'whole s':>8s} {'chunked s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
     for name, params in CASES.items():
         fn = get_tensor_method(name).fn
         seconds, outs = {}, {}
         for label, chunk in (("whole", 1 << 40), ("chunked", None)):
-            chunks.CHUNK, gta._MIX_CHUNK = defaults if chunk is None else (chunk, chunk)
+            chunks.CHUNK = default if chunk is None else chunk
             times = []
             for _ in range(args.repeat):
                 start = time.perf_counter()
                 outs[label] = fn(base, experts, **params)
                 times.append(time.perf_counter() - start)
             seconds[label] = statistics.median(times)
-        chunks.CHUNK, gta._MIX_CHUNK = defaults
+        chunks.CHUNK = default
         diff = float((outs["whole"] - outs["chunked"]).abs().max())
         print(f"{name:12s} {seconds['whole']:8.3f} {seconds['chunked']:10.3f} "
               f"{seconds['whole'] / seconds['chunked']:8.1f}x {diff:11.2e}")

@@ -16,7 +16,7 @@ from conftest import load_state
 import polymerge
 from polymerge import engine
 from polymerge.errors import CheckpointError
-from polymerge.methods import gta, sparsify
+from polymerge.methods import chunks
 from polymerge.methods.sparsify import kth_largest_in_chunks, kth_largest_magnitude
 from polymerge.registry import get_tensor_method
 
@@ -169,7 +169,7 @@ def test_methods_given_inputs_as_stored_equal_their_float32_result(make_models, 
 @pytest.mark.parametrize("chunk", [64, 1 << 18])
 @pytest.mark.parametrize("kind", ["uniform", "bf16 deltas", "few values", "huge range", "zeros"])
 def test_radix_select_equals_a_sort(kind, chunk, monkeypatch):
-    monkeypatch.setattr(sparsify, "_RADIX_CHUNK", chunk)  # histograms summed over chunks
+    monkeypatch.setattr(chunks, "CHUNK", chunk)  # histograms summed over chunks
     gen = torch.Generator().manual_seed(7)
     n = 5003
     a = {
@@ -228,7 +228,7 @@ def test_ties_in_chunks_keeps_the_same_entries_as_whole_tensors(dtype, monkeypat
     fn = get_tensor_method("ties").fn
     params = {"weight": weights, "density": densities, "lambda": 0.9}
     whole = fn(base, experts, **params)  # 5063 entries: one chunk, the whole-tensor path
-    monkeypatch.setattr(gta, "_MIX_CHUNK", 97)
+    monkeypatch.setattr(chunks, "CHUNK", 97)
     chunked = fn(base, experts, **params)
     assert torch.equal(chunked, whole)
     expected = _ties_by_definition(base, experts, weights, densities, 0.9)

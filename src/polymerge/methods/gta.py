@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods import chunks
 from polymerge.methods.schema import MergeMethod, Param
 from polymerge.methods.sparsify import (
     Sparsification,
@@ -86,8 +87,8 @@ def gta_merge(
     densities = per_model(density, n, "density")
     gammas = per_model(gamma, n, "gamma")
     epsilons = per_model(epsilon, n, "epsilon")
-    if (sparsification in (None, Sparsification.magnitude) and not rescale
-            and base.numel() > _MIX_CHUNK and base.device.type == "cpu"):
+    if sparsification in (None, Sparsification.magnitude) and not rescale \
+            and chunks.worth_chunking(base):
         return _topk_mix_in_chunks(base_in, experts, weights, densities, consensus=consensus,
                                    normalize=normalize, lam=lam)
     # Expert by expert with in-place accumulation: stacking N deltas would copy every input
@@ -118,9 +119,6 @@ def gta_merge(
     return mixed.mul_(lam).add_(base)
 
 
-_MIX_CHUNK = 1 << 18
-
-
 def mix_weighted(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
                  *, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
     """Steps 3-4 on weighted, thinned deltas; shared with Channel Merging's per-group merges.
@@ -129,13 +127,12 @@ def mix_weighted(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: 
     (the sign election makes about ten passes over the deltas; chunked, they cost a third).
     """
     numel = base.numel()
-    if not consensus or numel <= _MIX_CHUNK:
+    if not consensus or numel <= chunks.CHUNK:
         return _mix(base, weighted, weights, consensus=consensus, normalize=normalize, lam=lam)
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_deltas = [d.reshape(-1) for d in weighted]
-    for begin in range(0, numel, _MIX_CHUNK):
-        end = min(numel, begin + _MIX_CHUNK)
+    for begin, end in chunks.spans(numel):
         flat_out[begin:end] = _mix(flat_base[begin:end], [d[begin:end] for d in flat_deltas],
                                    weights, consensus=True, normalize=normalize, lam=lam)
     return out
@@ -156,7 +153,7 @@ def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
     numel = base.numel()
     flat_base = base.reshape(-1)
     flat_experts = [e.reshape(-1) for e in experts]
-    bounds = [(b, min(numel, b + _MIX_CHUNK)) for b in range(0, numel, _MIX_CHUNK)]
+    bounds = chunks.spans(numel)
 
     def magnitudes(expert: torch.Tensor):  # noqa: ANN202 - a generator of chunks
         for b, e in bounds:

@@ -23,6 +23,7 @@ from enum import Enum
 import torch
 
 from polymerge.errors import RecipeError
+from polymerge.methods import chunks
 
 _RESCALE_EPS = 1e-7
 
@@ -58,7 +59,6 @@ def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 
 
 _HALF = 1 << 16
-_RADIX_CHUNK = 1 << 18
 
 
 def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
     if a.device.type != "cpu":
         return torch.kthvalue(a, a.numel() - k + 1).values
     flat = a.contiguous()
-    return kth_largest_in_chunks(lambda: flat.split(_RADIX_CHUNK), k)[0]
+    return kth_largest_in_chunks(lambda: flat.split(chunks.CHUNK), k)[0]
 
 
 def kth_largest_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int, *,
