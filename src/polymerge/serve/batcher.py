@@ -148,7 +148,7 @@ class Batcher:
         until = self._queue[0].enqueued + self.max_wait
         last = self._last.get(kind)
         if self.max_wait > 0 and last is not None and count < last[0]:
-            rows, end, seconds = last
+            _, end, seconds = last
             until = max(until, end + min(RETURN_SHARE * seconds, RETURN_CAP))
         return until
 
