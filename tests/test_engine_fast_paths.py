@@ -1,8 +1,8 @@
 """The engine's fast paths give exactly what the plain per-tensor loop gives.
 
 Elementwise methods run on cache-sized chunks of the flattened tensors, several tensors are
-computed at once, reads go into reused buffers, writes happen on their own thread, and TIES's
-top-k threshold comes from a radix select. Each is checked here against an independent
+computed at once, inputs are lent by their files' mappings, writes happen on their own thread,
+and TIES's top-k threshold comes from a radix select. Each is checked here against an independent
 computation: the method's function called once on whole float32 tensors (or a sort, for the
 threshold), with bf16 inputs and a chunk size small enough that every tensor spans chunks.
 """
@@ -233,3 +233,36 @@ def test_ties_in_chunks_keeps_the_same_entries_as_whole_tensors(dtype, monkeypat
     assert torch.equal(chunked, whole)
     expected = _ties_by_definition(base, experts, weights, densities, 0.9)
     torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_results_made_of_lent_inputs_outlive_their_release(make_models):
+    """A static method's inputs are lent by the files' mappings and released after each
+    tensor. A compute that changes an input in place and returns it (or a view of it) must
+    still hand over its values, and the input files stay as they were."""
+    from conftest import tree_hashes
+
+    from polymerge.registry import plan as plan_recipe
+
+    ms = make_models("llama", 2)  # float32: the inputs reach the compute as lent
+    before = {p: tree_hashes(p) for p in (ms.base, *ms.experts)}
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(ms.base),
+              "models": [{"model": str(e)} for e in ms.experts]}
+    plan = plan_recipe(recipe)
+    kept: dict[str, torch.Tensor] = {}
+
+    def compute(job, base, inputs, generator):
+        return inputs[0].mul_(2).view(inputs[0].shape)
+
+    def consume(job, result):
+        kept[job.name] = result
+
+    try:
+        engine.stream(plan, compute, consume, progress=False, pure=True, native_inputs=True)
+    finally:
+        plan.close()
+    first = load_state(ms.experts[0])
+    merged = [job.name for job in plan.jobs if job.merge]
+    assert merged
+    for name in merged:
+        assert torch.equal(kept[name], first[name] * 2), name
+    assert {p: tree_hashes(p) for p in (ms.base, *ms.experts)} == before

@@ -451,3 +451,63 @@ def test_copy_support_files(tmp_path):
                               "tokenizer.json", "vocab.txt"]
     for name in copied:
         assert (dst / name).read_bytes() == (src / name).read_bytes()
+
+
+# --------------------------------------------------------------------------- mapped reads
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_mapped_tensors_equal_reads_and_writes_never_reach_the_file(tmp_path):
+    state = mixed_state()
+    path = tmp_path / "x.safetensors"
+    save_file(state, path)
+    before = path.read_bytes()
+    ckpt = open_checkpoint(path)
+    try:
+        for name, tensor in state.items():
+            lent = ckpt.mapped(name)
+            assert_same(lent, tensor)
+            if lent.numel() and lent.is_floating_point():
+                lent.fill_(7)  # copy-on-write: this process only
+                assert torch.all(lent == 7)
+                assert_same(ckpt.read(name), tensor)
+            ckpt.release(name)
+    finally:
+        ckpt.close()
+    assert path.read_bytes() == before
+    reread = open_checkpoint(path)
+    try:
+        for name, tensor in state.items():
+            assert_same(reread.mapped(name), tensor)
+    finally:
+        reread.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_released_pages_leave_the_resident_set(tmp_path):
+    """A mapped tensor's pages count in RSS while it is used, not after ``release`` (the
+    engine lends every input this way: mapped pages must not pile up over a model)."""
+    path = tmp_path / "big.safetensors"
+    save_file({"a": torch.ones(16 << 20, dtype=torch.uint8),
+               "b": torch.full((16 << 20,), 2, dtype=torch.uint8)}, path)
+    ckpt = open_checkpoint(path)
+    try:
+        start = _rss_file_kb()
+        a = ckpt.mapped("a")
+        assert int(a[::4096].sum()) == 4096  # faulted in by mapped(): every page present
+        assert _rss_file_kb() - start > 12 << 10
+        ckpt.release("a")
+        assert _rss_file_kb() - start < 1 << 10
+        assert int(a[::4096].sum()) == 4096  # touching it again faults the same bytes back
+        ckpt.release("a")
+        b = ckpt.mapped("b")
+        assert int(b[-1]) == 2 and int(b[0]) == 2
+        del a, b
+    finally:
+        ckpt.close()

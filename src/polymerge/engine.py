@@ -1,7 +1,8 @@
 """The per-tensor loop every merge and store builder runs through.
 
 For each planned tensor the engine reads the base's and the inputs' tensors (the next tensor is
-prefetched on a background thread while the current one is computed), checks them for NaN/Inf,
+prefetched on a background thread while the current one is computed; a static method's inputs
+are lent by the files' mappings instead of copied), checks them for NaN/Inf,
 moves them to the compute device in float32, calls ``compute`` and hands its result to
 ``consume``. Peak memory is a few tensors per input, never whole models.
 
@@ -72,45 +73,11 @@ class _Loaded(Generic[R]):
     inputs: list[torch.Tensor]
     nbytes: int
     unchecked: list[str] | None = None
-    """Labels of the base (if any) and inputs, in order, when their NaN/Inf check was left to
-    the chunked compute (it checks each chunk while it is in cache)."""
-    buffers: list[torch.Tensor] = field(default_factory=list)
-    """Pooled buffers the tensors were read into; back to the pool once computed."""
-
-
-class _BufferPool:
-    """Read buffers reused from tensor to tensor for chunked jobs, whose inputs never outlive
-    the compute. Reading into memory that is already mapped skips a page fault per 4 KiB
-    (measured: about a fifth of the read's time). At most a few buffers per input are alive:
-    a buffer too small for the next tensor is dropped when a bigger one is allocated."""
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            sizes = [b.numel() for b in self._free]
-            fits = [i for i, size in enumerate(sizes) if size >= nbytes]
-            if fits:
-                return self._free.pop(min(fits, key=sizes.__getitem__))
-            if self._free:  # none is big enough: drop the biggest, allocate a bigger one
-                self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def give(self, buffers: list[torch.Tensor]) -> None:
-        with self._lock:
-            self._free.extend(buffers)
-
-
-def _read_pooled(ckpt: Checkpoint, name: str, pool: _BufferPool,
-                 taken: list[torch.Tensor]) -> torch.Tensor:
-    if not isinstance(ckpt, SafetensorsCheckpoint):
-        return ckpt.read(name)
-    info = ckpt.info(name)
-    buf = pool.take(info.nbytes)
-    taken.append(buf)
-    return ckpt.read(name, out=buf[:info.nbytes].view(info.dtype))
+    """Labels of the base (if any) and inputs, in order, when their NaN/Inf check is still to
+    be done (by the chunked compute on each chunk while it is in cache, or before the
+    compute)."""
+    mapped: list[tuple[SafetensorsCheckpoint, str]] = field(default_factory=list)
+    """Tensors lent by a file mapping; released once the job's result is out of them."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -155,9 +122,18 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return tensor
 
 
-def _load(plan: MergePlan, job: TensorJob, pool: _BufferPool | None = None) -> _Loaded:
-    """Read the job's tensors. With a ``pool`` (chunked jobs), into pooled buffers and without
-    the NaN/Inf check, which the chunked compute does."""
+def _map(ckpt: Checkpoint, name: str, mapped: list[tuple[SafetensorsCheckpoint, str]]
+         ) -> torch.Tensor:
+    if not isinstance(ckpt, SafetensorsCheckpoint):
+        return ckpt.read(name)
+    mapped.append((ckpt, name))
+    return ckpt.mapped(name)
+
+
+def _load(plan: MergePlan, job: TensorJob, lend: bool = False) -> _Loaded:
+    """Read the job's tensors. With ``lend``, a merged tensor's sources are lent by their
+    files' mappings (no copy) where they are safetensors, and their NaN/Inf check is left to
+    the compute."""
     if job.reader is not None:  # slices, vocabulary alignment: the job says what to read
         base, inputs = job.reader(_read)
         if not job.merge:
@@ -168,31 +144,57 @@ def _load(plan: MergePlan, job: TensorJob, pool: _BufferPool | None = None) -> _
         ref = _read(plan.reference, job.name)
         return _Loaded(job, None, [ref], ref.nbytes)
     sources = ([plan.base] if plan.base is not None else []) + list(plan.inputs)
-    taken: list[torch.Tensor] = []
-    if pool is not None:
-        tensors = [_read_pooled(ckpt, job.name, pool, taken) for ckpt in sources]
-    else:
+    if not lend:
         tensors = [_read(ckpt, job.name) for ckpt in sources]
+        base = tensors.pop(0) if plan.base is not None else None
+        return _Loaded(job, base, tensors, sum(t.nbytes for t in tensors) + (
+            base.nbytes if base is not None else 0))
+    mapped: list[tuple[SafetensorsCheckpoint, str]] = []
+    try:
+        tensors = [_map(ckpt, job.name, mapped) for ckpt in sources]
+    except BaseException:
+        _release(mapped)
+        raise
     base = tensors.pop(0) if plan.base is not None else None
     return _Loaded(job, base, tensors, sum(t.nbytes for t in tensors) + (
         base.nbytes if base is not None else 0),
-        unchecked=[c.label for c in sources] if pool is not None else None, buffers=taken)
+        unchecked=[c.label for c in sources], mapped=mapped)
 
 
-def _prefetched(plan: MergePlan, jobs: list[TensorJob], chunked: Chunkable = lambda job: False,
-                buffers: _BufferPool | None = None) -> Iterator[_Loaded]:
-    """Yield loaded jobs in order, reading job i+1 while the caller works on job i; jobs for
-    which ``chunked(job)`` holds are read into ``buffers``."""
+def _release(mapped: list[tuple[SafetensorsCheckpoint, str]]) -> None:
+    for ckpt, name in mapped:
+        ckpt.release(name)
+    mapped.clear()
+
+
+def _owned(result: R, sources: list[torch.Tensor]) -> R:
+    """``result``, with any tensor of it that shares memory with a source (a method may return
+    an input as is, or a view of it) copied, so the sources' pages can be released."""
+    lent = {t.untyped_storage().data_ptr() for t in sources if t.numel()}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if t.numel() and t.untyped_storage().data_ptr() in lent else t
+
+    if isinstance(result, torch.Tensor):
+        return own(result)  # type: ignore[return-value]
+    if isinstance(result, dict):
+        return {k: own(v) if isinstance(v, torch.Tensor) else v  # type: ignore[return-value]
+                for k, v in result.items()}
+    return result
+
+
+def _prefetched(plan: MergePlan, jobs: list[TensorJob], lend: bool) -> Iterator[_Loaded]:
+    """Yield loaded jobs in order, reading job i+1 while the caller works on job i."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="polymerge-read") as pool:
 
-        def load(job: TensorJob) -> Future[_Loaded]:
-            return pool.submit(_load, plan, job, buffers if chunked(job) else None)
+        def load(index: int) -> Future[_Loaded] | None:
+            return pool.submit(_load, plan, jobs[index], lend) if index < len(jobs) else None
 
-        pending: Future[_Loaded] | None = load(jobs[0]) if jobs else None
+        pending = load(0)
         for index in range(len(jobs)):
             assert pending is not None
             loaded = pending.result()
-            pending = load(jobs[index + 1]) if index + 1 < len(jobs) else None
+            pending = load(index + 1)
             yield loaded
 
 
@@ -268,9 +270,12 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     on the CPU several tensors are computed at once, one per torch thread, each single-threaded
     (independent tensors scale better than one tensor's operations split across threads);
     tensors in flight are bounded to the plan's largest and a quarter, so peak memory stays
-    about that of one tensor at a time. Jobs for which ``chunkable(job)`` holds (needs
-    ``pure``) are computed in cache-sized chunks (see the module docstring): ``compute`` must
-    then be elementwise, and what ``consume`` gets is already in the job's output dtype.
+    about that of one tensor at a time. A pure compute also keeps nothing of its inputs, so
+    their safetensors pages are lent to it without a copy and released after it (a result
+    that is an input, or a view of one, is copied first). Jobs for which ``chunkable(job)``
+    holds (needs ``pure``) are computed in cache-sized chunks (see the module docstring):
+    ``compute`` must then be elementwise, and what ``consume`` gets is already in the job's
+    output dtype.
     ``native_inputs``: the base and the inputs reach ``compute`` in their stored dtype, for a
     compute that converts them a piece at a time itself.
     """
@@ -292,17 +297,16 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
         if chunked(job) and _same_sizes(loaded):
             return _compute_chunked(compute, loaded, generator)  # type: ignore[arg-type]
+        sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
         if loaded.unchecked is not None:
-            sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
             for tensor, label in zip(sources, loaded.unchecked, strict=True):
                 check_finite(tensor, label, job.name)
-            loaded.buffers.clear()  # the compute may keep views of them: not reused
         dtype = None if native_inputs else torch.float32
         base = loaded.base.to(dev, dtype) if loaded.base is not None else None
         inputs = [t.to(dev, dtype) for t in loaded.inputs]
-        return compute(job, base, inputs, generator)
+        result = compute(job, base, inputs, generator)
+        return _owned(result, sources) if loaded.mapped else result
 
-    buffers = _BufferPool()
     # Tensors in flight hold at most the largest tensor's elements and a quarter more: with
     # exactly the largest, nothing else ran beside an embedding or LM head, which are half of a
     # small model (one core idle for that half); a quarter more lets the layers' tensors run on
@@ -313,7 +317,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
 
     def finish(loaded: _Loaded, result: object) -> None:
         consume(loaded.job, result)  # type: ignore[arg-type]
-        buffers.give(loaded.buffers)
+        _release(loaded.mapped)
         stats.tensors += 1
         stats.bytes_read += loaded.nbytes
         bar.update(loaded.nbytes)
@@ -332,7 +336,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         if workers > 1 else None
     try:
         with _torch_threads(1) if pool is not None else contextlib.nullcontext():
-            for index, loaded in enumerate(_prefetched(plan, plan.jobs, chunked, buffers)):
+            for index, loaded in enumerate(_prefetched(plan, plan.jobs, lend=pure)):
                 if pool is None:
                     finish(loaded, run(loaded))
                     continue
