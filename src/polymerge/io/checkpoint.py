@@ -296,7 +296,7 @@ class SafetensorsCheckpoint:
         self._layout: dict[str, tuple[TensorInfo, int, int]] | None = None
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
-        self._populate = MADV_POPULATE_READ
+        self._populate = True
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -375,11 +375,14 @@ class SafetensorsCheckpoint:
         if flat.data_ptr() % element_size(info.dtype):
             return self.read(name)
         start = begin - begin % mmap.PAGESIZE
-        try:
-            mapping.madvise(self._populate, start, end - start)
-        except OSError:  # a kernel before 5.14: start the read-ahead, fault on use
-            self._populate = mmap.MADV_WILLNEED
-            mapping.madvise(self._populate, start, end - start)
+        # read-ahead of the whole range in large requests (what a cold file needs), then
+        # fault it in here rather than page by page in the compute
+        mapping.madvise(mmap.MADV_WILLNEED, start, end - start)
+        if self._populate:
+            try:
+                mapping.madvise(MADV_POPULATE_READ, start, end - start)
+            except OSError:  # a kernel before 5.14: pages fault in on first use
+                self._populate = False
         return flat.view(info.dtype).view(info.shape)
 
     def release(self, name: str) -> None:
