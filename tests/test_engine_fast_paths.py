@@ -107,21 +107,72 @@ def test_parallel_tensors_give_the_sequential_result(make_models, outs):
         assert torch.equal(one[name], two[name]), name
 
 
-def test_nan_in_a_chunk_names_the_model(make_models, outs, small_chunks):
+@pytest.mark.parametrize("method,value", [("task_arithmetic", float("nan")),
+                                          ("linear", float("-inf")), ("ram", float("nan"))])
+def test_nan_in_a_chunk_names_the_model(make_models, outs, small_chunks, method, value):
+    """Linear and task arithmetic check each chunk's result and then the inputs to name the
+    culprit; the other elementwise methods check the inputs' chunks."""
     from test_validation import variant
 
     ms = make_models("llama", 2)
 
     def poison(state: dict[str, torch.Tensor]) -> None:
         w = state["model.layers.0.mlp.up_proj.weight"]
-        w.view(-1)[CHUNK * 2 + 5] = float("nan")  # inside the third chunk
+        w.view(-1)[CHUNK * 2 + 5] = value  # inside the third chunk
 
     bad = variant(ms, "poisoned", poison)
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(ms.base),
-              "models": [{"model": str(ms.experts[0])}, {"model": str(bad)}]}
+    recipe = {"merge_method": method, "base_model": str(ms.base),
+              "models": [{"model": str(ms.experts[0]), "parameters": {"weight": 1.0}},
+                         {"model": str(bad), "parameters": {"weight": 1.0}}]}
+    if method == "linear":
+        recipe["models"].insert(0, {"model": str(ms.base), "parameters": {"weight": 1.0}})
+    assert get_tensor_method(method).is_elementwise({})
     with pytest.raises(CheckpointError, match="poisoned.*up_proj.*NaN or Inf"):
         polymerge.merge(recipe, outs / "nan", progress=False)
     assert not (outs / "nan").exists()
+
+
+@pytest.mark.parametrize("dtype,weight", [("float16", 1e6), ("float32", 3e38)])
+def test_overflow_of_finite_inputs_is_an_output_error(make_models, outs, small_chunks, dtype,
+                                                      weight):
+    """With finite inputs a result can still overflow (in the float32 math, or in the cast to
+    a float16 output): the output check stops it, and no input is blamed."""
+    ms = make_models("llama", 2)
+    recipe = {"merge_method": "linear", "dtype": dtype,
+              "models": [{"model": str(e), "parameters": {"weight": weight}}
+                         for e in ms.experts],
+              "parameters": {"normalize": False}}
+    with pytest.raises(CheckpointError, match="merged output.*NaN or Inf"):
+        polymerge.merge(recipe, outs / "overflow", progress=False)
+    assert not (outs / "overflow").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_methods_that_say_they_propagate_nonfinite_inputs_do(method):
+    """What ``propagates_nonfinite`` promises, checked on the function: NaN, +Inf or -Inf in
+    any one input (base or expert, weights of either sign or zero) makes the result NaN or
+    Inf at that position and nowhere else."""
+    entry = get_tensor_method(method)
+    assert entry.propagates_nonfinite
+    g = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        n = 1 + trial % 3
+        base = torch.randn(50, generator=g)
+        experts = [torch.randn(50, generator=g) for _ in range(n)]
+        weights = [[1.0, -0.5, 0.0, 2.0][(trial + i) % 4] for i in range(n)]
+        if method == "linear" and sum(weights) == 0:
+            weights[0] = 1.0
+        which = trial % (n + 1)
+        spot = (trial * 7) % 50
+        target = base if which == n else experts[which]
+        target[spot] = [float("nan"), float("inf"), float("-inf")][trial % 3]
+        out = entry.fn(base, experts, weight=weights,
+                       **({"normalize": True} if method == "linear" else {}))
+        bad = ~torch.isfinite(out)
+        if method == "linear" and which == n:
+            assert bool(bad.sum() == 0)  # linear does not read the base
+        else:
+            assert bad.nonzero().flatten().tolist() == [spot], (trial, weights)
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "task_arithmetic"])

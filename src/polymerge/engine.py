@@ -210,8 +210,13 @@ def _scratch_rows(rows: int) -> torch.Tensor:
 
 
 def _compute_chunked(compute: Compute[torch.Tensor], loaded: _Loaded,
-                     generator: torch.Generator) -> torch.Tensor:
-    """An elementwise compute over cache-sized chunks, cast straight into the output dtype."""
+                     generator: torch.Generator, check_result: bool = False) -> torch.Tensor:
+    """An elementwise compute over cache-sized chunks, cast straight into the output dtype.
+
+    ``check_result``: a NaN or Inf in any input shows in the result (linear, task arithmetic),
+    so each chunk's result is checked instead of every input's chunk (one row, not N+1), and
+    the inputs only when it fails, to name the model at fault; a result that overflowed from
+    finite inputs is left to the output check."""
     job = loaded.job
     has_base = loaded.base is not None
     sources = [t.reshape(-1) for t in
@@ -224,18 +229,26 @@ def _compute_chunked(compute: Compute[torch.Tensor], loaded: _Loaded,
         block = _scratch_rows(len(sources))[:len(sources), :end - begin]
         for row, source in zip(block, sources, strict=True):
             row.copy_(source[begin:end])
-        if loaded.unchecked is not None:
+        if loaded.unchecked is not None and not check_result:
             _check_rows(block, loaded.unchecked, job.name)
         rows = list(block)
         base = rows.pop(0) if has_base else None
-        flat_out[begin:end].copy_(compute(job, base, rows, generator).reshape(-1))
+        result = compute(job, base, rows, generator).reshape(-1)
+        if loaded.unchecked is not None and check_result and not _finite(result):
+            for source, label in zip(sources, loaded.unchecked, strict=True):
+                check_finite(source[begin:end], label, job.name)
+        flat_out[begin:end].copy_(result)
     return out
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _check_rows(block: torch.Tensor, labels: list[str], name: str) -> None:
     """``check_finite`` for one chunk of every source at once, naming the model at fault."""
-    low, high = torch.aminmax(block)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+    if not _finite(block):
         for row, label in zip(block, labels, strict=True):
             check_finite(row, label, name)
 
@@ -261,7 +274,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
            device: str | torch.device = "cpu", progress: bool = True,
            desc: str = "merging", pure: bool = False,
-           chunkable: Chunkable | None = None, native_inputs: bool = False) -> EngineStats:
+           chunkable: Chunkable | None = None, native_inputs: bool = False,
+           propagates_nonfinite: bool = False) -> EngineStats:
     """Run ``compute`` on every merged tensor of the plan and ``consume`` every result, in the
     plan's order.
 
@@ -276,6 +290,9 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     holds (needs ``pure``) are computed in cache-sized chunks (see the module docstring):
     ``compute`` must then be elementwise, and what ``consume`` gets is already in the job's
     output dtype.
+    ``propagates_nonfinite``: a NaN or Inf in an input always shows in ``compute``'s result at
+    that position, so chunked jobs check results rather than inputs (see
+    :func:`_compute_chunked`).
     ``native_inputs``: the base and the inputs reach ``compute`` in their stored dtype, for a
     compute that converts them a piece at a time itself.
     """
@@ -296,7 +313,8 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         generator = torch.Generator(device=dev)
         generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
         if chunked(job) and _same_sizes(loaded):
-            return _compute_chunked(compute, loaded, generator)  # type: ignore[arg-type]
+            return _compute_chunked(compute, loaded, generator,  # type: ignore[arg-type]
+                                    check_result=propagates_nonfinite)
         sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
         if loaded.unchecked is not None:
             for tensor, label in zip(sources, loaded.unchecked, strict=True):
@@ -369,8 +387,8 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
                  finalize: Callable[[], Pieces] | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  desc: str = "merging", what: str = "merged output", pure: bool = False,
-                 chunkable: Chunkable | None = None, native_inputs: bool = False
-                 ) -> tuple[EngineStats, list[str]]:
+                 chunkable: Chunkable | None = None, native_inputs: bool = False,
+                 propagates_nonfinite: bool = False) -> tuple[EngineStats, list[str]]:
     """The one output path: stream the plan through ``compute`` into sharded safetensors.
 
     ``compute`` returns one tensor (written under the job's name) or named pieces; ``outputs``
@@ -411,7 +429,8 @@ def write_folder(plan: MergePlan, folder: Path, compute: ComputePieces, outputs:
 
     try:
         stats = stream(plan, compute, consume, device=device, progress=progress, desc=desc,
-                       pure=pure, chunkable=chunkable, native_inputs=native_inputs)
+                       pure=pure, chunkable=chunkable, native_inputs=native_inputs,
+                       propagates_nonfinite=propagates_nonfinite)
         if finalize is not None:
             put(finalize())
         while writes:

@@ -131,7 +131,8 @@ class TensorMethod(Method):
                      metadata={"polymerge_method": self.name}, device=options.device,
                      progress=options.progress, pure=True,
                      chunkable=lambda job: self.method.is_elementwise(job.params),
-                     native_inputs=self.method.converts_inputs)
+                     native_inputs=self.method.converts_inputs,
+                     propagates_nonfinite=self.method.propagates_nonfinite)
         write_plan_extras(plan, folder, description=self.description)
 
 

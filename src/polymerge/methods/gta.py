@@ -282,6 +282,7 @@ def make_gta_method(
         random=random,
         elementwise=elementwise,
         converts_inputs=True,
+        propagates_nonfinite=sparsification is None and not consensus,
         reference=reference,
         extra={"sparsification": None if sparsification is None else sparsification.value,
                "consensus": "sum" if consensus else None},

@@ -64,6 +64,7 @@ LINEAR = MergeMethod(
     check_params=check_linear_params,
     reference="https://arxiv.org/abs/2203.05482",
     elementwise=lambda params: True,
+    propagates_nonfinite=True,
 )
 
 METHODS = (LINEAR,)

@@ -131,6 +131,12 @@ class MergeMethod(Schema):
     time, so the engine hands them over as stored: a float32 copy of every input at once is
     not needed."""
 
+    propagates_nonfinite: bool = False
+    """A NaN or Inf in any input gives a NaN or Inf in ``fn``'s result at that position (sums
+    of weighted inputs: linear, task arithmetic), so the engine may check the result of an
+    elementwise chunk instead of every input's (and the inputs only to name the one at
+    fault)."""
+
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise is not None and not self.random and self.elementwise(params)
 
