@@ -66,18 +66,37 @@ def _expected(method: str, ms, recipe: dict) -> dict[str, torch.Tensor]:
     ("ties", {"normalize": True}),  # density 1: the sign election alone, elementwise
     ("ram", {}), ("nearswap", {"t": 0.01}), ("passthrough", {}),
 ])
+@pytest.mark.parametrize("threads", [1, 2])
 def test_chunked_merge_equals_the_function_on_whole_tensors(make_models, outs, small_chunks,
-                                                           method, params):
+                                                           method, params, threads):
+    """With 2 threads every tensor of 8 chunks or more is split in two pieces computed side
+    by side into one output."""
     ms = make_models("llama", 3, dtype=torch.bfloat16)
     recipe = _recipe(method, ms, **params)
     method_entry = get_tensor_method(method)
     assert method_entry.is_elementwise({**params, "density": [1.0] * 3})
-    got = load_state(polymerge.merge(recipe, outs / method, progress=False))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = load_state(polymerge.merge(recipe, outs / method, progress=False))
+    finally:
+        torch.set_num_threads(before)
     expected = _expected(method, ms, recipe)
     assert set(expected) <= set(got)
     for name, tensor in expected.items():
         assert got[name].dtype == torch.bfloat16
         assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("numel,workers,expected", [
+    (CHUNK * 8, 2, [(0, CHUNK * 4), (CHUNK * 4, CHUNK * 8)]),
+    (CHUNK * 8 + 1, 2, [(0, CHUNK * 5), (CHUNK * 5, CHUNK * 8 + 1)]),
+    (CHUNK * 7, 2, [(0, CHUNK * 7)]),  # too small for two pieces of 4 chunks
+    (5, 2, [(0, 5)]), (CHUNK * 40, 3, [(0, CHUNK * 14), (CHUNK * 14, CHUNK * 28),
+                                       (CHUNK * 28, CHUNK * 40)]),
+    (CHUNK * 40, 1, [(0, CHUNK * 40)])])
+def test_pieces_cover_the_tensor_on_chunk_boundaries(small_chunks, numel, workers, expected):
+    assert engine._pieces(numel, workers) == expected
 
 
 def test_sparsified_and_random_methods_are_not_chunked():

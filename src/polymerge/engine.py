@@ -47,6 +47,9 @@ CHUNK_ELEMENTS = 1 << 18
 """Elements per chunk of an elementwise compute: 1 MiB of float32 per input, so a chunk of every
 input and the temporaries stay in the CPU's caches (measured fastest of 2^12 to 2^18 for task
 arithmetic over 5 bf16 inputs: 4x faster than whole tensors on one thread)."""
+PIECE_CHUNKS = 4
+"""Chunks per piece, at least, when an elementwise tensor is split among the workers (an
+embedding or LM head alone would otherwise keep one core busy and the others idle)."""
 WRITES_IN_FLIGHT = 2
 """Results queued for the writer thread before the computing thread waits (bounds memory)."""
 ComputePieces = Callable[[TensorJob, "torch.Tensor | None", list[torch.Tensor], torch.Generator],
@@ -209,9 +212,20 @@ def _scratch_rows(rows: int) -> torch.Tensor:
     return buf
 
 
-def _compute_chunked(compute: Compute[torch.Tensor], loaded: _Loaded,
-                     generator: torch.Generator, check_result: bool = False) -> torch.Tensor:
-    """An elementwise compute over cache-sized chunks, cast straight into the output dtype.
+def _pieces(numel: int, workers: int) -> list[tuple[int, int]]:
+    """Chunk-aligned ranges that split an elementwise tensor among ``workers`` (one range when
+    it is too small for each piece to have :data:`PIECE_CHUNKS` chunks)."""
+    chunks = -(-numel // CHUNK_ELEMENTS)
+    count = max(1, min(workers, chunks // PIECE_CHUNKS))
+    step = -(-chunks // count) * CHUNK_ELEMENTS
+    return [(begin, min(numel, begin + step)) for begin in range(0, numel, step)]
+
+
+def _fill_chunked(compute: Compute[torch.Tensor], loaded: _Loaded, generator: torch.Generator,
+                  flat_out: torch.Tensor, first: int, last: int,
+                  check_result: bool = False) -> None:
+    """An elementwise compute of entries ``first:last`` over cache-sized chunks, cast straight
+    into the output ``flat_out`` (the job's output, flattened).
 
     ``check_result``: a NaN or Inf in any input shows in the result (linear, task arithmetic),
     so each chunk's result is checked instead of every input's chunk (one row, not N+1), and
@@ -221,11 +235,8 @@ def _compute_chunked(compute: Compute[torch.Tensor], loaded: _Loaded,
     has_base = loaded.base is not None
     sources = [t.reshape(-1) for t in
                ([loaded.base] if loaded.base is not None else []) + loaded.inputs]
-    out = torch.empty(job.out.shape, dtype=job.out.dtype)
-    flat_out = out.reshape(-1)
-    numel = flat_out.numel()
-    for begin in range(0, numel, CHUNK_ELEMENTS):
-        end = min(numel, begin + CHUNK_ELEMENTS)
+    for begin in range(first, last, CHUNK_ELEMENTS):
+        end = min(last, begin + CHUNK_ELEMENTS)
         block = _scratch_rows(len(sources))[:len(sources), :end - begin]
         for row, source in zip(block, sources, strict=True):
             row.copy_(source[begin:end])
@@ -238,7 +249,6 @@ def _compute_chunked(compute: Compute[torch.Tensor], loaded: _Loaded,
             for source, label in zip(sources, loaded.unchecked, strict=True):
                 check_finite(source[begin:end], label, job.name)
         flat_out[begin:end].copy_(result)
-    return out
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -292,7 +302,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     output dtype.
     ``propagates_nonfinite``: a NaN or Inf in an input always shows in ``compute``'s result at
     that position, so chunked jobs check results rather than inputs (see
-    :func:`_compute_chunked`).
+    :func:`_fill_chunked`).
     ``native_inputs``: the base and the inputs reach ``compute`` in their stored dtype, for a
     compute that converts them a piece at a time itself.
     """
@@ -306,15 +316,24 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         return parallel and chunkable is not None and job.merge and job.reader is None \
             and chunkable(job)
 
+    def generator_of(job: TensorJob) -> torch.Generator:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
+        return generator
+
+    def in_pieces(loaded: _Loaded) -> bool:
+        return chunked(loaded.job) and _same_sizes(loaded)
+
     def run(loaded: _Loaded) -> object:
         job = loaded.job
         if not job.merge:
             return loaded.inputs[0]
-        generator = torch.Generator(device=dev)
-        generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
-        if chunked(job) and _same_sizes(loaded):
-            return _compute_chunked(compute, loaded, generator,  # type: ignore[arg-type]
-                                    check_result=propagates_nonfinite)
+        generator = generator_of(job)
+        if in_pieces(loaded):
+            out = torch.empty(job.out.shape, dtype=job.out.dtype)
+            _fill_chunked(compute, loaded, generator, out.view(-1),  # type: ignore[arg-type]
+                          0, out.numel(), propagates_nonfinite)
+            return out
         sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
         if loaded.unchecked is not None:
             for tensor, label in zip(sources, loaded.unchecked, strict=True):
@@ -331,7 +350,27 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     # the other cores meanwhile.
     largest = max((job.out.numel for job in plan.jobs), default=0)
     budget = largest + largest // 4
-    in_flight: deque[tuple[_Loaded, Future[object]]] = deque()
+    in_flight: deque[tuple[_Loaded, Callable[[], object]]] = deque()
+
+    def submit(loaded: _Loaded) -> Callable[[], object]:
+        """Start the job on the workers; returns what waits for its result. An elementwise
+        job is split into pieces that run side by side, filling one output."""
+        assert pool is not None
+        if not in_pieces(loaded):
+            return pool.submit(run, loaded).result
+        job = loaded.job
+        out = torch.empty(job.out.shape, dtype=job.out.dtype)
+        flat, generator = out.view(-1), generator_of(job)
+        futures = [pool.submit(_fill_chunked, compute, loaded, generator,  # type: ignore[arg-type]
+                               flat, first, last, propagates_nonfinite)
+                   for first, last in _pieces(flat.numel(), workers)]
+
+        def result() -> object:
+            for future in futures:
+                future.result()
+            return out
+
+        return result
 
     def finish(loaded: _Loaded, result: object) -> None:
         consume(loaded.job, result)  # type: ignore[arg-type]
@@ -342,8 +381,8 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         bar.set_postfix_str(f"{stats.tensors}/{len(plan.jobs)} tensors", refresh=False)
 
     def finish_oldest() -> None:
-        loaded, future = in_flight.popleft()
-        finish(loaded, future.result())
+        loaded, result = in_flight.popleft()
+        finish(loaded, result())
 
     # Every tensor makes Python objects; without this the collector walks every object the
     # imports made, again and again (measured: 1.4 s of a 0.5 B-parameter merge).
@@ -358,7 +397,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
                 if pool is None:
                     finish(loaded, run(loaded))
                     continue
-                if index == len(plan.jobs) - 1:
+                if index == len(plan.jobs) - 1 and not in_pieces(loaded):
                     # The last tensor (often the LM head, one of the largest) would otherwise
                     # run alone on one core: once the others are done, it gets every thread.
                     while in_flight:
@@ -369,7 +408,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
                 while in_flight and (len(in_flight) >= workers or loaded.job.out.numel + sum(
                         lo.job.out.numel for lo, _ in in_flight) > budget):
                     finish_oldest()
-                in_flight.append((loaded, pool.submit(run, loaded)))
+                in_flight.append((loaded, submit(loaded)))
             while in_flight:
                 finish_oldest()
     finally:
