@@ -108,13 +108,17 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def check_finite(tensor: torch.Tensor, model: str, name: str) -> None:
     """Stop on NaN/Inf. ``aminmax`` propagates both and is a single fast reduction (about 40x
     cheaper than ``isfinite().all()``), with no false alarms from overflow."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    low, high = torch.aminmax(tensor)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+    if not _finite(tensor):
         raise CheckpointError(f"model {model}: tensor {name!r} holds NaN or Inf; the merge "
                               "stopped")
 
@@ -249,11 +253,6 @@ def _fill_chunked(compute: Compute[torch.Tensor], loaded: _Loaded, generator: to
             for source, label in zip(sources, loaded.unchecked, strict=True):
                 check_finite(source[begin:end], label, job.name)
         flat_out[begin:end].copy_(result)
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _check_rows(block: torch.Tensor, labels: list[str], name: str) -> None:

@@ -284,9 +284,8 @@ class SafetensorsCheckpoint:
     the tensor's pages of the file instead: a private (copy-on-write) mapping, so nothing is
     copied, a write to the tensor stays in this process and the file is never modified; the
     pages are faulted in by the call (the read happens there) and dropped from the process by
-    ``release`` once the tensor is used, so mapped pages do not pile up in the resident set.
-    Reading a 1 GB bf16 file from the page cache and converting it to float32 a block at a time
-    takes 0.27 s mapped against 0.40-0.76 s copied first (one thread).
+    ``release`` once the tensor is used, so mapped pages do not pile up in the resident set
+    (what that saves a merge: BENCHMARKS.md, "Static merge speed").
     """
 
     def __init__(self, path: Path, files: dict[str, Path], label: str | None = None) -> None:
