@@ -23,9 +23,9 @@ from polymerge.methods import chunks
 from polymerge.methods.schema import MergeMethod, Param
 from polymerge.methods.sparsify import (
     Sparsification,
-    TopkInOrder,
-    kth_largest_in_chunks,
+    TopK,
     sparsify,
+    top_k_in_chunks,
 )
 
 WEIGHT = Param("weight", float, default=1.0, scope="per_model",
@@ -111,7 +111,7 @@ def gta_merge(
             mixed.add_(delta)
     if consensus:
         return mix_weighted(base, weighted, weights, consensus=True, normalize=normalize,
-                            lam=lam)
+                            lam=lam, overwrite=True)
     assert mixed is not None
     if normalize:
         total_weight = sum(weights)
@@ -120,21 +120,22 @@ def gta_merge(
 
 
 def mix_weighted(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
-                 *, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+                 *, consensus: bool, normalize: bool, lam: float,
+                 overwrite: bool = False) -> torch.Tensor:
     """Steps 3-4 on weighted, thinned deltas; shared with Channel Merging's per-group merges.
 
-    Every step is per entry, so a big tensor is mixed in chunks that stay in the CPU's caches
-    (the sign election makes about ten passes over the deltas; chunked, they cost a third).
+    Every step is per entry, so a big CPU tensor is mixed in chunks that stay in the CPU's
+    caches. The deltas are left as they are unless ``overwrite`` (the caller's own scratch):
+    then the mix works in them instead of in copies.
     """
-    numel = base.numel()
-    if not consensus or numel <= chunks.CHUNK:
-        return _mix(base, weighted, weights, consensus=consensus, normalize=normalize, lam=lam)
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_deltas = [d.reshape(-1) for d in weighted]
-    for begin, end in chunks.spans(numel):
-        flat_out[begin:end] = _mix(flat_base[begin:end], [d[begin:end] for d in flat_deltas],
-                                   weights, consensus=True, normalize=normalize, lam=lam)
+    numel = base.numel()
+    for b, e in chunks.spans(numel) if chunks.worth_chunking(base) else [(0, numel)]:
+        deltas = [d[b:e] if overwrite else d[b:e].clone() for d in flat_deltas]
+        _mix_into(flat_out[b:e], flat_base[b:e], deltas, weights, consensus=consensus,
+                  normalize=normalize, lam=lam)
     return out
 
 
@@ -144,74 +145,82 @@ def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
     """TIES (magnitude top-k, then steps 2-4) without holding a float32 delta of the tensor.
 
     Two passes over the inputs in chunks that stay in the CPU's caches: the first finds each
-    expert's top-k threshold by a radix select over ``|expert - base|`` computed a chunk at a
-    time (keeping 2 bytes an entry for one expert at a time), the second recomputes each
-    chunk's deltas, keeps the top-k entries and mixes them. Memory is the inputs (bf16 when
-    the recipe computes in bf16) plus the float32 output, not N float32 deltas; the result is
-    bit-identical to sparsifying whole tensors (same operations per entry, same ties kept).
+    expert's top k by a radix select over ``|expert - base|`` computed a chunk at a time
+    (keeping 2 bytes an entry for one expert at a time), the second recomputes each chunk's
+    deltas, keeps the top-k entries and mixes them. Memory is the inputs (bf16 when the
+    recipe computes in bf16) plus the float32 output, not N float32 deltas; the result equals
+    sparsifying whole tensors (same operations per entry, same ties kept). Every step works
+    in place in a few chunk-sized buffers: on CPU an operation that allocates its output
+    costs about three in-place ones.
     """
     numel = base.numel()
     flat_base = base.reshape(-1)
     flat_experts = [e.reshape(-1) for e in experts]
     bounds = chunks.spans(numel)
+    scratch = torch.empty(len(experts) + 1, chunks.CHUNK, dtype=torch.float32)
 
     def magnitudes(expert: torch.Tensor):  # noqa: ANN202 - a generator of chunks
-        for b, e in bounds:
-            yield (expert[b:e].float() - flat_base[b:e].float()).abs_()
+        for b, e in bounds:  # each chunk is overwritten by the next
+            yield scratch[0, :e - b].copy_(expert[b:e]).sub_(flat_base[b:e]).abs_()
 
-    keeps: list[TopkInOrder | None] = []
+    tops: list[TopK | None] = []
     for expert, density in zip(flat_experts, densities, strict=True):
         k = max(1, int(density * numel))
         if density >= 1 or k >= numel:
-            keeps.append(None)
+            tops.append(None)
             continue
-        threshold, larger = kth_largest_in_chunks(
+        tops.append(top_k_in_chunks(
             lambda e=expert: magnitudes(e), k,
-            values_at=lambda at, e=expert: (e[at].float() - flat_base[at].float()).abs_())
-        keeps.append(TopkInOrder(threshold, k, larger))
+            values_at=lambda at, e=expert: (e[at].float() - flat_base[at].float()).abs_()))
     out = torch.empty(base.shape, dtype=torch.float32)
     flat_out = out.view(-1)
     for b, e in bounds:
-        base_chunk = flat_base[b:e].float()
-        weighted = []
-        for expert, keep, w in zip(flat_experts, keeps, weights, strict=True):
-            delta = expert[b:e].float() - base_chunk
-            if keep is not None:
-                delta = delta * keep(delta.abs())
-            weighted.append(delta.mul_(w) if w != 1 else delta)
-        flat_out[b:e] = _mix(base_chunk, weighted, weights, consensus=consensus,
-                             normalize=normalize, lam=lam)
+        base_chunk = scratch[0, :e - b].copy_(flat_base[b:e])
+        deltas = []
+        for row, expert, top, w in zip(scratch[1:], flat_experts, tops, weights, strict=True):
+            delta = row[:e - b].copy_(expert[b:e]).sub_(base_chunk)
+            if top is not None:
+                delta = top.kept(delta, b)
+            deltas.append(delta.mul_(w) if w != 1 else delta)
+        _mix_into(flat_out[b:e], base_chunk, deltas, weights, consensus=consensus,
+                  normalize=normalize, lam=lam)
     return out
 
 
-def _mix(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
-         *, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
-    if consensus:
-        total = weighted[0].clone()
-        for delta in weighted[1:]:
-            total.add_(delta)
-        elected = torch.where(total >= 0, 1.0, -1.0)
-        magnitude = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for w, delta in zip(weights, weighted, strict=True):
-            # |delta| where its sign is the elected one, else 0 (zero entries agree with
-            # neither sign). All float arithmetic: a product with +-1 is exact, and float-bool
-            # mixes (delta * mask, adding a mask) cost twice as much on CPU.
-            agreeing = (delta * elected).clamp_(min=0)
-            magnitude.add_(agreeing)
-            divisor.add_(agreeing.sign(), alpha=w)
-        mixed = magnitude.mul_(elected)  # rounding is symmetric: the same sums, signed
-        divisor = torch.where(divisor == 0, 1.0, divisor)
-    else:
-        mixed = weighted[0].clone()
-        for delta in weighted[1:]:
-            mixed.add_(delta)
-        total_weight = sum(weights)
-        divisor = torch.tensor(1.0 if abs(total_weight) < 1e-8 else total_weight)
+_ONE = torch.tensor(1.0)
 
-    if normalize:
-        mixed = mixed.div_(divisor)
-    return base + mixed.mul_(lam)
+
+def _mix_into(out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+              weights: Sequence[float], *, consensus: bool, normalize: bool,
+              lam: float) -> None:
+    """Steps 3-4 into ``out``, overwriting ``deltas``: in-place operations only, and no
+    ``torch.where`` (about twenty times the cost of an in-place product on CPU)."""
+    out.copy_(deltas[0])
+    for delta in deltas[1:]:
+        out.add_(delta)
+    if consensus:
+        # The sign of the sum, a sum of 0 electing + (adding +0 turns -0 into +0).
+        elected = torch.copysign(_ONE.to(out.device), out.add_(0.0))
+        divisor = torch.zeros_like(out) if normalize else None
+        for i, (w, delta) in enumerate(zip(weights, deltas, strict=True)):
+            # |delta| where its sign is the elected one, else 0 (zero entries agree with
+            # neither sign). All float arithmetic: a product with +-1 is exact.
+            agreeing = delta.mul_(elected).clamp_(min=0)
+            if i == 0:
+                out.copy_(agreeing)
+            else:
+                out.add_(agreeing)
+            if divisor is not None:
+                divisor.add_(agreeing.sign_(), alpha=w)
+        out.mul_(elected)  # rounding is symmetric: the same sums, signed
+        if divisor is not None:
+            out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    elif normalize:
+        total_weight = sum(weights)
+        out.div_(torch.tensor(1.0 if abs(total_weight) < 1e-8 else total_weight))
+    if lam != 1:
+        out.mul_(lam)
+    out.add_(base)
 
 
 def make_gta_method(

@@ -23,7 +23,7 @@ import torch
 from polymerge.errors import RecipeError
 from polymerge.methods.chunks import float_chunks, spans, worth_chunking
 from polymerge.methods.schema import MergeMethod, Param
-from polymerge.methods.sparsify import TopkInOrder, kth_largest_in_chunks
+from polymerge.methods.sparsify import top_k_in_chunks
 
 WEIGHT_SUM_EPS = 1e-6
 DIVISOR_FLOOR = 1e-6
@@ -122,10 +122,9 @@ def _sce_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
         k = int(int(torch.count_nonzero(variance)) * fraction)
         if k > 0:
             pieces = [variance[b:e] for b, e in spans(numel)]
-            threshold, larger = kth_largest_in_chunks(lambda: pieces, k)
-            in_order = TopkInOrder(threshold, k, larger)
+            top = top_k_in_chunks(lambda: pieces, k)
             for (b, e), var in zip(spans(numel), pieces, strict=True):
-                keep[b:e] = in_order(var)
+                keep[b:e] = top.mask(var, b)
     squares = torch.zeros(n, dtype=torch.float64)
     for b, e, block in float_chunks(inputs):
         deltas = _deltas(block).mul_(keep[b:e])

@@ -18,6 +18,7 @@ Rescaling of survivors, where it differs from mergekit 0.1.5:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -66,25 +67,55 @@ def kth_largest_magnitude(a: torch.Tensor, k: int) -> torch.Tensor:
     if a.device.type != "cpu":
         return torch.kthvalue(a, a.numel() - k + 1).values
     flat = a.contiguous()
-    return kth_largest_in_chunks(lambda: flat.split(chunks.CHUNK), k)[0]
+    top = top_k_in_chunks(lambda: flat.split(chunks.CHUNK), k)
+    return torch.tensor(top.threshold, dtype=torch.float32)
 
 
-def kth_largest_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int, *,
-                          values_at: Callable[[torch.Tensor], torch.Tensor] | None = None
-                          ) -> tuple[torch.Tensor, int]:
-    """The ``k``-th largest of non-negative float32 values that ``chunks()`` yields (contiguous
-    1-d pieces, the same each call), and how many values are larger.
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` largest of some non-negative values, as a stable descending sort picks them:
+    every value above ``threshold`` (the k-th largest) and, of the values equal to it, those
+    at the flat positions ``ties`` (the lowest ones, ascending)."""
+
+    threshold: float
+    ties: torch.Tensor
+
+    def _ties_in(self, begin: int, end: int) -> torch.Tensor:
+        """The kept ties in flat positions ``[begin, end)``, relative to ``begin``."""
+        lo, hi = torch.searchsorted(self.ties, torch.tensor([begin, end])).tolist()
+        return self.ties[lo:hi] - begin
+
+    def mask(self, values: torch.Tensor, begin: int) -> torch.Tensor:
+        """Which of ``values`` (the entries from flat position ``begin`` on) are kept."""
+        keep = values > self.threshold
+        keep[self._ties_in(begin, begin + values.numel())] = True
+        return keep
+
+    def kept(self, deltas: torch.Tensor, begin: int) -> torch.Tensor:
+        """``deltas`` (signed; their magnitudes are the values) with the entries not kept
+        zeroed, as a new tensor. ``hardshrink`` keeps ``|x| > threshold`` in one vectorized
+        pass, about seven times cheaper than a comparison and a product with the mask."""
+        out = torch.nn.functional.hardshrink(deltas, self.threshold)
+        at = self._ties_in(begin, begin + deltas.numel())
+        out[at] = deltas[at]
+        return out
+
+
+def top_k_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int, *,
+                    values_at: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TopK:
+    """The ``k`` largest (1 <= k <= numel) of non-negative float32 values that ``chunks()``
+    yields (contiguous 1-d pieces in position order, the same each call).
 
     A two-level radix select on the bit patterns, which order non-negative floats like their
-    values: a histogram of the upper 16 bits finds the bucket holding the answer, a histogram
-    of the lower 16 bits inside that bucket the answer itself. Exact, and about 3x faster than
-    ``kthvalue`` on CPU (which also degrades on the many equal values that bf16 deltas have).
-    The values are only ever seen a chunk at a time, so a caller can compute them on the fly
-    (TIES does, from the bf16 inputs) instead of holding the whole tensor.
+    values: a histogram of the upper 16 bits finds the bucket holding the k-th largest, a
+    histogram of the lower 16 bits of the bucket's few values the value itself. Exact, and
+    about 3x faster than ``kthvalue`` on CPU (which also degrades on the many equal values
+    that bf16 deltas have). The values are only ever seen a chunk at a time, so a caller can
+    compute them on the fly (TIES does, from the bf16 inputs) instead of holding the tensor.
 
     ``chunks()`` is called twice, unless ``values_at`` (the values at given flat positions)
     is given: then the upper 16 bits of every value are kept (2 bytes a value) and the
-    second level reads only the bucket's few values, so the data is computed once.
+    second level reads only the bucket's values, so the data is computed once.
     """
     counts = torch.zeros(_HALF // 2, dtype=torch.int64)
     uppers: list[torch.Tensor] = []
@@ -101,44 +132,24 @@ def kth_largest_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
     if values_at is not None:
         positions = torch.nonzero(torch.cat(uppers) == bucket).flatten()
         del uppers
-        bucket_chunks: Iterable[torch.Tensor] = [values_at(positions).view(torch.int32)]
+        bits = values_at(positions).view(torch.int32)
     else:
-        # Only the bucket's few entries are counted: selecting them first is about twice as
-        # fast as a histogram of every entry with the others sent to a spare bin.
-        bucket_chunks = (bits[(bits >> 16) == bucket]
-                         for bits in (c.view(torch.int32) for c in chunks()))
-    counts_low = torch.zeros(_HALF, dtype=torch.int64)
-    for in_bucket in bucket_chunks:
-        counts_low += torch.bincount(in_bucket & (_HALF - 1), minlength=_HALF)
+        found, found_bits, begin = [], [], 0
+        for chunk in chunks():
+            chunk_bits = chunk.view(torch.int32)
+            at = torch.nonzero((chunk_bits >> 16) == bucket).flatten()
+            found.append(at + begin)
+            found_bits.append(chunk_bits[at])
+            begin += chunk.numel()
+        positions, bits = torch.cat(found), torch.cat(found_bits)
+    counts_low = torch.bincount(bits & (_HALF - 1), minlength=_HALF)
     above_low = counts_low.flip(0).cumsum(0)
     j_low = int(torch.searchsorted(above_low, k - before))
     value = (bucket << 16) | (_HALF - 1 - j_low)
     larger = before + (int(above_low[j_low - 1]) if j_low > 0 else 0)
-    return torch.tensor(value, dtype=torch.int32).view(torch.float32), larger
-
-
-class TopkInOrder:
-    """Which entries :func:`magnitude_topk` keeps, decided chunk by chunk in position order.
-
-    Built from the k-th largest magnitude and how many entries are larger; entries equal to
-    the threshold are kept from the lowest position on until ``k`` are kept, as a stable sort
-    would. Chunks must be given in order, each once.
-    """
-
-    def __init__(self, threshold: torch.Tensor, k: int, larger: int) -> None:
-        self.threshold = threshold
-        self.ties_left = k - larger
-
-    def __call__(self, magnitudes: torch.Tensor) -> torch.Tensor:
-        keep = magnitudes > self.threshold
-        if self.ties_left > 0:
-            ties = magnitudes == self.threshold
-            count = int(ties.sum())
-            if count > self.ties_left:  # the last ties to keep are in this chunk
-                ties &= ties.cumsum(0) <= self.ties_left
-            keep |= ties
-            self.ties_left -= count
-        return keep
+    ties = positions[bits == value][:k - larger]
+    threshold = torch.tensor(value, dtype=torch.int32).view(torch.float32).item()
+    return TopK(threshold, ties)
 
 
 def _select_extreme(a: torch.Tensor, m: int, *, largest: bool,
