@@ -255,20 +255,19 @@ def test_radix_select_equals_a_sort(kind, chunk, monkeypatch):
     ranked = sorted(a.tolist(), reverse=True)
     for k in (1, 2, n // 3, n // 2, n - 1, n):
         assert kth_largest_magnitude(a, k).item() == ranked[k - 1], (kind, k)
-        for values_at in (None, lambda at: a[at]):  # two passes, or one and a lookup
-            top = top_k_in_chunks(lambda: a.split(chunk), k, values_at=values_at)
-            assert top.threshold == ranked[k - 1]
-            # the ties kept are the lowest positions holding the k-th value, as many as
-            # the k largest need after the larger values
-            larger = sum(v > ranked[k - 1] for v in ranked)
-            at_threshold = torch.nonzero(a == ranked[k - 1]).flatten()
-            assert top.ties.tolist() == at_threshold[:k - larger].tolist(), (kind, k)
-            # and the mask keeps exactly the k entries a stable descending sort takes first
-            expected = torch.zeros(n, dtype=torch.bool)
-            expected[torch.argsort(-a, stable=True)[:k]] = True
-            got = torch.cat([top.mask(c, b) for b, c in
-                             zip(range(0, n, chunk), a.split(chunk), strict=True)])
-            assert torch.equal(got, expected), (kind, k)
+        top = top_k_in_chunks(lambda: a.split(chunk), k)
+        assert top.threshold == ranked[k - 1]
+        # the ties kept are the lowest positions holding the k-th value, as many as
+        # the k largest need after the larger values
+        larger = sum(v > ranked[k - 1] for v in ranked)
+        at_threshold = torch.nonzero(a == ranked[k - 1]).flatten()
+        assert top.ties.tolist() == at_threshold[:k - larger].tolist(), (kind, k)
+        # and the mask keeps exactly the k entries a stable descending sort takes first
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.argsort(-a, stable=True)[:k]] = True
+        got = torch.cat([top.mask(c, b) for b, c in
+                         zip(range(0, n, chunk), a.split(chunk), strict=True)])
+        assert torch.equal(got, expected), (kind, k)
 
 
 def _ties_by_definition(base, experts, weights, densities, lam):

@@ -15,6 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from polymerge.errors import RecipeError
+from polymerge.methods import chunks
 from polymerge.methods.schema import MergeMethod
 from polymerge.registry import get_tensor_method as get_method
 from polymerge.registry import method_names
@@ -272,6 +273,24 @@ def test_ties_reference(density: float, normalize: bool, rescale: bool) -> None:
               for ex, d in zip(experts, densities, strict=True)]
     ref = ref_mix(b, deltas, weights, consensus=True, normalize=normalize)
     assert_close(out, unflat(ref, base))
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.0, 2.0], [1.0, -1.0, 0.5], [-1.0, -0.5, -2.0]])
+@pytest.mark.parametrize("chunk", [None, 7])  # whole tensors, or the chunked TIES path
+def test_ties_zero_and_negative_weights(weights, chunk, monkeypatch) -> None:
+    """Zero weights (nothing agrees: the divisor falls back to 1) and negative ones (agreeing
+    weights can sum to 0 with a non-zero sum of entries) follow the definition."""
+    if chunk is not None:
+        monkeypatch.setattr(chunks, "CHUNK", chunk)
+    base = torch.zeros(24)
+    gen = torch.Generator().manual_seed(5)
+    # integer deltas: many entries agree in sign, some sums of weights cancel exactly
+    experts = [torch.randint(-3, 4, (24,), generator=gen).float() for _ in range(3)]
+    for density in (1.0, 0.5):
+        out = merge("ties", base, experts, weight=weights, density=density, normalize=True)
+        deltas = [ref_topk(flat(e), density, False) for e in experts]
+        ref = ref_mix(flat(base), deltas, weights, consensus=True, normalize=True)
+        assert_close(out, unflat(ref, base))
 
 
 def test_ties_sign_tie_elects_plus() -> None:
