@@ -28,7 +28,9 @@ def _ram(base: torch.Tensor, experts: Sequence[torch.Tensor], *, epsilon: float,
 
     Computed chunk by chunk from the inputs as stored (see :mod:`polymerge.methods.chunks`):
     RAM+ first counts each expert's shared and unique changes over the whole tensor, then
-    mixes; no float32 copy of the inputs is held.
+    mixes; no float32 copy of the inputs is held. Every step is float arithmetic on the
+    chunk's (N, chunk) block: on CPU a comparison, a boolean mask or a float-bool product
+    costs several times an in-place float operation.
     """
     if base is None:
         raise RecipeError("ram: needs a base model")
@@ -37,36 +39,44 @@ def _ram(base: torch.Tensor, experts: Sequence[torch.Tensor], *, epsilon: float,
     n = len(experts)
     inputs = [base, *experts]
 
-    def changes(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        deltas = block[1:].sub_(block[0])
-        changed = deltas.abs() > epsilon
-        counts = changed[0].to(torch.int32)  # row by row: a reduction along dim 0 is slow
-        for row in changed[1:]:
-            counts += row
-        return deltas, changed, counts
-
     boost = None
     if r is not None:
-        shared_counts = torch.zeros(n, dtype=torch.int64, device=base.device)
-        unique_counts = torch.zeros(n, dtype=torch.int64, device=base.device)
+        shared_counts = torch.zeros(n, dtype=torch.float64, device=base.device)
+        unique_counts = torch.zeros(n, dtype=torch.float64, device=base.device)
         for _, _, block in float_chunks(inputs):
-            _, changed, counts = changes(block)
-            shared_counts += (changed & (counts > 1)).sum(dim=1)
-            unique_counts += (changed & (counts == 1)).sum(dim=1)
+            changed = _changed(block[1:].sub_(block[0]).abs_(), epsilon)
+            alone = _alone(changed.sum(dim=0))
+            # float32 counts are exact up to 2^24, far above a chunk's length
+            unique = changed @ alone
+            unique_counts += unique
+            shared_counts += changed.sum(dim=1).sub_(unique)
         rho = shared_counts / unique_counts.clamp(min=epsilon)
-        boost = (rho.clamp(min=0, max=alpha) * r).reshape(-1, 1)
+        boost = (rho.clamp(min=0, max=alpha) * r).float().reshape(-1, 1)
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flat_out = out.view(-1)
     for b, e, block in float_chunks(inputs):
-        deltas, changed, counts = changes(block)
-        deltas.mul_(changed)
+        # Changes of more than epsilon, the others 0.
+        kept = torch.nn.functional.hardshrink(block[1:].sub_(block[0]), epsilon)
+        counts = _changed(kept.abs(), 0.0).sum(dim=0)
         # Entries changed by one expert: its change; by several: their mean; by none: 0.
-        mixed = deltas.sum(dim=0).div_(counts.clamp(min=1))
+        mixed = torch.sum(kept, dim=0, out=flat_out[b:e])
         if boost is not None:
             # Unique entries get lambda_i = 1 + boost_i: add boost_i * d_i where i is alone.
-            mixed.add_((deltas * boost * (counts == 1)).sum(dim=0))
-        flat_out[b:e] = mixed.add_(block[0])
+            mixed.div_(counts.clamp(min=1)).add_(kept.mul_(boost).sum(dim=0).mul_(_alone(counts)))
+        else:
+            mixed.div_(counts.clamp_(min=1))
+        mixed.add_(block[0])
     return out
+
+
+def _changed(magnitudes: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """1.0 where a magnitude exceeds ``epsilon`` (>= 0), else 0.0, in place."""
+    return torch.nn.functional.threshold_(magnitudes, epsilon, 0.0).sign_()
+
+
+def _alone(counts: torch.Tensor) -> torch.Tensor:
+    """1.0 where exactly one expert changed the entry, else 0.0 (``counts`` are integers)."""
+    return (counts - 1).abs_().neg_().add_(1).clamp_(min=0)
 
 
 def ram_merge(
