@@ -17,7 +17,7 @@ import polymerge
 from polymerge import engine
 from polymerge.errors import CheckpointError
 from polymerge.methods import chunks
-from polymerge.methods.sparsify import kth_largest_magnitude, top_k_in_chunks
+from polymerge.methods.sparsify import kth_largest_magnitude, order_statistics, top_k_in_chunks
 from polymerge.registry import get_tensor_method
 
 CHUNK = 97  # prime, and smaller than every weight: chunk boundaries land mid-row
@@ -344,3 +344,22 @@ def test_results_made_of_lent_inputs_outlive_their_release(make_models):
     for name in merged:
         assert torch.equal(kept[name], first[name] * 2), name
     assert {p: tree_hashes(p) for p in (ms.base, *ms.experts)} == before
+
+
+@pytest.mark.parametrize("kind", ["normal", "integers", "tiny", "signed zeros", "negative"])
+def test_order_statistics_equal_kthvalue(kind):
+    """The radix select over order-preserving keys gives ``kthvalue``'s answers for values of
+    any sign (Arcee Fusion's quartiles of scores that rounding can make slightly negative)."""
+    gen = torch.Generator().manual_seed(11)
+    n = 10007
+    values = {
+        "normal": torch.randn(n, generator=gen),
+        "integers": torch.randint(-3, 4, (n,), generator=gen).float(),
+        "tiny": torch.randn(n, generator=gen) * 1e-30,
+        "signed zeros": torch.cat([torch.zeros(50), -torch.zeros(50),
+                                   torch.randn(n - 100, generator=gen)]),
+        "negative": -torch.rand(n, generator=gen),
+    }[kind]
+    ranks = [1, 2, n // 4, n // 2, 3 * n // 4, n - 1, n]
+    assert order_statistics(values, ranks) == [torch.kthvalue(values, r).values.item()
+                                               for r in ranks]

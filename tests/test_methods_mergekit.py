@@ -548,7 +548,7 @@ def ref_arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape,dense", [((6, 9), False), ((40,), False), ((3, 50), False),
                                          ((32, 64), True)])
-def test_arcee_fusion_reference(shape: tuple[int, ...], dense: bool) -> None:
+def test_arcee_fusion_reference(shape: tuple[int, ...], dense: bool, chunking: str) -> None:
     base = randn(shape, 0)
     other = base + randn(shape, 1, 0.3) * (True if dense else randn(shape, 2) > 0.5)
     out = merge("arcee_fusion", base, [other])

@@ -15,40 +15,42 @@ differ from mergekit's draw by draw. Smaller tensors are deterministic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from polymerge.errors import RecipeError
+from polymerge.methods import chunks
 from polymerge.methods.schema import MergeMethod
+from polymerge.methods.sparsify import order_statistics
 
 QUANTILE_SAMPLE = 1_000_000
 PROB_EPS = 1e-8
 QUARTILES = (0.25, 0.5, 0.75)
 
 
-def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``|other - base|`` times the KL divergence of the rows' softmaxes (other against base)."""
+def _row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The KL divergence of ``softmax(other)`` against ``softmax(base)`` of each row (float32
+    rows, the last dimension), each probability plus 1e-8."""
     p = F.softmax(other, dim=-1).add_(PROB_EPS)
     q = F.softmax(base, dim=-1).add_(PROB_EPS)
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return (other - base).abs_().mul_(kl)
+    return p.div(q).log_().mul_(p).sum(dim=-1)
 
 
-def fusion_threshold(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``median + 1.5 IQR`` of ``scores``, from a sample of a million when there are more."""
-    flat = scores.reshape(-1)
-    if flat.numel() > QUANTILE_SAMPLE:
-        device = generator.device if generator is not None else flat.device
-        picks = torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator,
-                              device=device)
-        flat = flat[picks.to(flat.device)]
-    # float32 positions, as mergekit computes them, truncated to an index into the sorted
-    # scores; three selections instead of a sort (3x faster on a million scores).
-    positions = (torch.tensor(QUARTILES, dtype=torch.float32) * (flat.numel() - 1)).long()
-    q1, median, q3 = (torch.kthvalue(flat, int(p) + 1).values for p in positions)
-    return median + 1.5 * (q3 - q1)
+def _scores(other: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """``|other - base|`` times its row's KL divergence (float32 rows, one KL per row)."""
+    return (other - base).abs_().mul_(kl.unsqueeze(-1))
+
+
+def fusion_threshold(sample: torch.Tensor) -> float:
+    """``median + 1.5 IQR`` of the scores ``sample``, the quartiles read from the sorted
+    scores at index ``floor(q (n - 1))`` (float32 positions, as mergekit computes them)."""
+    positions = (torch.tensor(QUARTILES, dtype=torch.float32) * (sample.numel() - 1)).long()
+    q1, median, q3 = order_statistics(sample.reshape(-1).float(),
+                                      [int(p) + 1 for p in positions])
+    return float(torch.tensor(median) + 1.5 * (torch.tensor(q3) - torch.tensor(q1)))
 
 
 def arcee_fusion_merge(
@@ -57,17 +59,54 @@ def arcee_fusion_merge(
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Arcee Fusion of the base and one other model (see the module docstring)."""
+    """Arcee Fusion of the base and one other model (see the module docstring).
+
+    Two passes over blocks of whole rows that stay in the CPU's caches (see
+    :mod:`polymerge.methods.chunks`): the rows' KL divergences (and, for a small tensor,
+    every score), then each entry's score against the threshold. The scores of a sampled
+    tensor are computed at the drawn positions only, so no tensor-sized temporary is made.
+    """
     if base is None or len(experts) != 1:
         raise RecipeError("arcee_fusion: needs a base model and exactly one other model")
-    base = base.float()
-    other = experts[0].float()
-    if base.numel() == 0:
-        return base.clone()
-    scores = importance(other, base)
-    keep = scores >= fusion_threshold(scores, generator)
-    del scores
-    return torch.where(keep, other, base)
+    other = experts[0]
+    numel = base.numel()
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    if numel == 0:
+        return out
+    width = base.shape[-1] if base.dim() > 0 else 1
+    rows_b, rows_o, rows_out = (t.reshape(-1, width) for t in (base, other, out))
+    step = max(1, chunks.CHUNK // width) if chunks.worth_chunking(base) else rows_b.shape[0]
+    blocks = [(r, min(rows_b.shape[0], r + step)) for r in range(0, rows_b.shape[0], step)]
+    kl = torch.empty(rows_b.shape[0], dtype=torch.float32, device=base.device)
+    sampled = numel > QUANTILE_SAMPLE
+    scores = []
+    for r0, r1 in blocks:
+        b, o = rows_b[r0:r1].float(), rows_o[r0:r1].float()
+        kl[r0:r1] = _row_kl(o, b)
+        if not sampled:
+            scores.append(_scores(o, b, kl[r0:r1]).reshape(-1))
+    if sampled:
+        device = generator.device if generator is not None else base.device
+        picks = torch.randint(numel, (QUANTILE_SAMPLE,), generator=generator,
+                              device=device).to(base.device)
+        def at(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1).index_select(0, picks).float()  # 1.5x faster than t[picks]
+
+        sample = (at(other) - at(base)).abs_().mul_(kl.index_select(0, picks // width))
+    else:
+        sample = torch.cat(scores)
+    threshold = fusion_threshold(sample)
+    below = torch.nextafter(torch.tensor(threshold), torch.tensor(-math.inf)).item()
+    for r0, r1 in blocks:
+        b, o = rows_b[r0:r1].float(), rows_o[r0:r1].float()
+        scores = _scores(o, b, kl[r0:r1])
+        if threshold > 0:  # 1.0 where score >= threshold (> 0): a third of the cost of >=
+            take = F.threshold_(scores, below, 0.0).sign_()
+        else:
+            take = (scores >= threshold).float()
+        # lerp with a weight of exactly 0 or 1 returns ``b`` or ``o`` exactly
+        torch.lerp(b, o, take, out=rows_out[r0:r1])
+    return out
 
 
 ARCEE_FUSION = MergeMethod(

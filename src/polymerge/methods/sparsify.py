@@ -148,6 +148,37 @@ def top_k_in_chunks(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> Top
     return TopK(threshold, positions[bits == value][:k - larger])
 
 
+def _order_keys(bits: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order like the float32 values whose bit patterns ``bits`` holds
+    (negative values' magnitude bits flipped; the map is its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def order_statistics(values: torch.Tensor, ranks: Iterable[int]) -> list[float]:
+    """The ``r``-th smallest (1 <= r <= numel) of the finite float32 ``values`` (1-d) for each
+    rank, as ``torch.kthvalue`` gives them, for any signs.
+
+    The radix select of :func:`top_k_in_chunks` on keys that order like the values: one
+    histogram of the keys' upper 16 bits serves every rank, then each rank's bucket is
+    resolved from its few members. Arcee Fusion's three quartiles of a million scores take
+    about a tenth of three ``kthvalue`` calls (each of which copies and partitions them all).
+    """
+    keys = _order_keys(values.contiguous().view(torch.int32))
+    upper = (keys >> 16) + _HALF // 2
+    below = torch.bincount(upper, minlength=_HALF).cumsum(0)  # below[j]: keys with upper <= j
+    out = []
+    for rank in ranks:
+        bucket = int(torch.searchsorted(below, rank))
+        before = int(below[bucket - 1]) if bucket > 0 else 0
+        members = keys[upper == bucket] & (_HALF - 1)
+        low = int(torch.searchsorted(torch.bincount(members, minlength=_HALF).cumsum(0),
+                                     rank - before))
+        key = ((bucket - _HALF // 2) << 16) | low
+        out.append(_order_keys(torch.tensor([key], dtype=torch.int32))
+                   .view(torch.float32).item())
+    return out
+
+
 def _select_extreme(a: torch.Tensor, m: int, *, largest: bool,
                     low_index_first: bool) -> torch.Tensor:
     """Boolean mask of the ``m`` largest (or smallest) entries of the 1-d tensor ``a`` of
