@@ -18,6 +18,9 @@ idling. Writing the output happens on its own thread too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
 import threading
 import time
@@ -54,6 +57,32 @@ WRITES_IN_FLIGHT = 2
 """Results queued for the writer thread before the computing thread waits (bounds memory)."""
 ComputePieces = Callable[[TensorJob, "torch.Tensor | None", list[torch.Tensor], torch.Generator],
                          "Pieces | torch.Tensor"]
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_FREED_BYTES = 256 << 20
+"""Freed heap memory glibc keeps for reuse instead of returning it to the kernel (see
+:func:`_reuse_freed_memory`)."""
+
+
+@functools.cache
+def _reuse_freed_memory() -> None:
+    """Have glibc serve the chunk-sized temporaries of the computes (up to 32 MiB) from memory
+    freed earlier, once per process.
+
+    By default it hands large freed blocks back to the kernel at once, so the next
+    temporary faults its pages in again: measured on a 0.5 B-parameter RAM+ merge, 2.4
+    million page faults and 5.3 s of system time, against 0.23 million and 1.9 s with this
+    (BENCHMARKS.md); the price is up to :data:`KEEP_FREED_BYTES` more resident memory. Not
+    glibc (or no ``mallopt``): nothing changes.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    mallopt = getattr(ctypes.CDLL(libc_name), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling on 64-bit
 
 
 @dataclass
@@ -306,6 +335,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     compute that converts them a piece at a time itself.
     """
     dev = resolve_device(device)
+    _reuse_freed_memory()
     stats = EngineStats()
     start = time.perf_counter()
     parallel = pure and dev.type == "cpu"

@@ -29,14 +29,21 @@ def spans(numel: int) -> list[tuple[int, int]]:
 
 def float_chunks(tensors: Sequence[torch.Tensor]
                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Each span with the tensors' entries in it as the rows of one new float32 block
-    ``(len(tensors), end - begin)``, free to modify in place (converted straight into place:
-    no per-input copy to stack); one span of everything where chunking is not worth it
-    (small or GPU tensors)."""
+    """Each span with the tensors' entries in it as the rows of a float32 block
+    ``(len(tensors), end - begin)``, free to modify in place until the next span is drawn
+    (converted straight into place: no per-input copy to stack); one span of everything
+    where chunking is not worth it (small or GPU tensors).
+
+    One buffer serves every span: a fresh block per chunk is fresh memory from the
+    allocator each time, and its page faults cost more system time than the chunk's math.
+    """
     flat = [t.reshape(-1) for t in tensors]
     numel = flat[0].numel()
-    for b, e in spans(numel) if worth_chunking(tensors[0]) else [(0, numel)]:
-        block = torch.empty(len(flat), e - b, dtype=torch.float32, device=flat[0].device)
+    bounds = spans(numel) if worth_chunking(tensors[0]) else [(0, numel)]
+    buffer = torch.empty(len(flat), max((e - b for b, e in bounds), default=0),
+                         dtype=torch.float32, device=flat[0].device)
+    for b, e in bounds:
+        block = buffer[:, :e - b]
         for row, t in zip(block, flat, strict=True):
             row.copy_(t[b:e])
         yield b, e, block
