@@ -39,11 +39,6 @@ def _row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return p.div(q).log_().mul_(p).sum(dim=-1)
 
 
-def _scores(other: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-    """``|other - base|`` times its row's KL divergence (float32 rows, one KL per row)."""
-    return (other - base).abs_().mul_(kl.unsqueeze(-1))
-
-
 def fusion_threshold(sample: torch.Tensor) -> float:
     """``median + 1.5 IQR`` of the scores ``sample``, the quartiles read from the sorted
     scores at index ``floor(q (n - 1))`` (float32 positions, as mergekit computes them)."""
@@ -62,9 +57,9 @@ def arcee_fusion_merge(
     """Arcee Fusion of the base and one other model (see the module docstring).
 
     Two passes over blocks of whole rows that stay in the CPU's caches (see
-    :mod:`polymerge.methods.chunks`): the rows' KL divergences (and, for a small tensor,
-    every score), then each entry's score against the threshold. The scores of a sampled
-    tensor are computed at the drawn positions only, so no tensor-sized temporary is made.
+    :mod:`polymerge.methods.chunks`): every score, written where the result will go, then
+    each entry taken from the other model or the base by its score against the threshold,
+    in place of the score. No tensor-sized temporary is made.
     """
     if base is None or len(experts) != 1:
         raise RecipeError("arcee_fusion: needs a base model and exactly one other model")
@@ -77,35 +72,26 @@ def arcee_fusion_merge(
     rows_b, rows_o, rows_out = (t.reshape(-1, width) for t in (base, other, out))
     step = max(1, chunks.CHUNK // width) if chunks.worth_chunking(base) else rows_b.shape[0]
     blocks = [(r, min(rows_b.shape[0], r + step)) for r in range(0, rows_b.shape[0], step)]
-    kl = torch.empty(rows_b.shape[0], dtype=torch.float32, device=base.device)
-    sampled = numel > QUANTILE_SAMPLE
-    scores = []
     for r0, r1 in blocks:
         b, o = rows_b[r0:r1].float(), rows_o[r0:r1].float()
-        kl[r0:r1] = _row_kl(o, b)
-        if not sampled:
-            scores.append(_scores(o, b, kl[r0:r1]).reshape(-1))
-    if sampled:
+        scores = torch.sub(o, b, out=rows_out[r0:r1]).abs_()
+        scores.mul_(_row_kl(o, b).unsqueeze(-1))
+    sample = out.view(-1)
+    if numel > QUANTILE_SAMPLE:
         device = generator.device if generator is not None else base.device
-        picks = torch.randint(numel, (QUANTILE_SAMPLE,), generator=generator,
-                              device=device).to(base.device)
-        def at(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(-1).index_select(0, picks).float()  # 1.5x faster than t[picks]
-
-        sample = (at(other) - at(base)).abs_().mul_(kl.index_select(0, picks // width))
-    else:
-        sample = torch.cat(scores)
+        picks = torch.randint(numel, (QUANTILE_SAMPLE,), generator=generator, device=device)
+        sample = sample.index_select(0, picks.to(base.device))  # 1.5x faster than [picks]
     threshold = fusion_threshold(sample)
     below = torch.nextafter(torch.tensor(threshold), torch.tensor(-math.inf)).item()
     for r0, r1 in blocks:
         b, o = rows_b[r0:r1].float(), rows_o[r0:r1].float()
-        scores = _scores(o, b, kl[r0:r1])
+        scores = rows_out[r0:r1]
         if threshold > 0:  # 1.0 where score >= threshold (> 0): a third of the cost of >=
             take = F.threshold_(scores, below, 0.0).sign_()
         else:
             take = (scores >= threshold).float()
         # lerp with a weight of exactly 0 or 1 returns ``b`` or ``o`` exactly
-        torch.lerp(b, o, take, out=rows_out[r0:r1])
+        torch.lerp(b, o, take, out=scores)
     return out
 
 
