@@ -20,7 +20,7 @@ from conftest import load_state
 
 import polymerge
 from polymerge import engine
-from polymerge.errors import CheckpointError
+from polymerge.errors import CheckpointError, PolymergeError
 from polymerge.methods import chunks
 from polymerge.methods.sparsify import kth_largest_magnitude, order_statistics, top_k_in_chunks
 from polymerge.registry import get_tensor_method
@@ -156,6 +156,37 @@ def test_nan_in_a_chunk_names_the_model(make_models, outs, small_chunks, method,
     assert not (outs / "nan").exists()
 
 
+@pytest.mark.parametrize("method,value", [("model_stock", float("nan")),
+                                          ("multislerp", float("inf")),
+                                          ("karcher", float("-inf"))])
+@pytest.mark.parametrize("who", ["expert", "base"])
+def test_nan_in_a_whole_tensor_method_names_the_model(make_models, outs, method, value, who):
+    """Methods that propagate NaN/Inf through whole-tensor statistics check their result and
+    then the inputs: the model at fault is still the one named, base or expert."""
+    from test_validation import variant
+
+    if who == "base" and get_tensor_method(method).base_policy == "input":
+        pytest.skip("the method never reads base_model (like linear)")
+    ms = make_models("llama", 3)
+
+    def poison(state: dict[str, torch.Tensor]) -> None:
+        state["model.layers.0.mlp.up_proj.weight"].view(-1)[7] = value
+
+    bad = variant(ms, "poisoned", poison)
+    experts = [str(e) for e in ms.experts]
+    base = str(bad) if who == "base" else str(ms.base)
+    if who == "expert":
+        experts[1] = str(bad)
+    params = {"weight": 1.0} if method == "multislerp" else {}
+    recipe = {"merge_method": method, "base_model": base,
+              "models": [{"model": e, "parameters": params} for e in experts]}
+    assert get_tensor_method(method).propagates_nonfinite
+    culprit = "base_model" if who == "base" else "poisoned"  # the base's label
+    with pytest.raises(CheckpointError, match=f"model {culprit}.*up_proj.*NaN or Inf"):
+        polymerge.merge(recipe, outs / "nan", progress=False)
+    assert not (outs / "nan").exists()
+
+
 @pytest.mark.parametrize("dtype,weight", [("float16", 1e6), ("float32", 3e38)])
 def test_overflow_of_finite_inputs_is_an_output_error(make_models, outs, small_chunks, dtype,
                                                       weight):
@@ -197,6 +228,41 @@ def test_methods_that_say_they_propagate_nonfinite_inputs_do(method):
             assert bool(bad.sum() == 0)  # linear does not read the base
         else:
             assert bad.nonzero().flatten().tolist() == [spot], (trial, weights)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+    ("multislerp", {"weight": [1.0, 0.0, 2.0]}),
+    ("multislerp", {"weight": [0.5, -1.0, 2.0], "normalize_weights": False}),
+    ("karcher", {}), ("karcher", {"max_iter": 1})])
+@pytest.mark.parametrize("base_too", [False, True])
+def test_whole_tensor_methods_that_say_they_propagate_nonfinite_inputs_do(method, params,
+                                                                          base_too):
+    """The weaker promise for methods that are not elementwise: NaN, +Inf or -Inf at any
+    one position of any one input (the base included, where the method reads one) shows as
+    NaN or Inf somewhere in the result, or stops the function with an error, so the engine
+    may check the result and the inputs only to name the model at fault."""
+    entry = get_tensor_method(method)
+    assert entry.propagates_nonfinite and not entry.is_elementwise(params)
+    uses_base = entry.base_policy == "required" or base_too
+    if base_too and entry.base_policy != "optional":
+        pytest.skip("the base is always read")
+    g = torch.Generator().manual_seed(1)
+    stopped = 0
+    for trial in range(18):
+        base = torch.randn(6, 9, generator=g)
+        experts = [base + torch.randn(6, 9, generator=g) * 0.1 for _ in range(3)]
+        which = trial % (4 if uses_base else 3)
+        target = base if which == 3 else experts[which]
+        target[trial % 6, (trial * 5) % 9] = [float("nan"), float("inf"),
+                                              float("-inf")][trial % 3]
+        try:
+            out = entry.fn(base if uses_base else None, experts, **params)
+        except PolymergeError:
+            stopped += 1
+            continue
+        assert not bool(torch.isfinite(out).all()), (trial, which)
+    assert stopped < 6  # mostly results, so the property is exercised
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "task_arithmetic"])

@@ -328,9 +328,9 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     holds (needs ``pure``) are computed in cache-sized chunks (see the module docstring):
     ``compute`` must then be elementwise, and what ``consume`` gets is already in the job's
     output dtype.
-    ``propagates_nonfinite``: a NaN or Inf in an input always shows in ``compute``'s result at
-    that position, so chunked jobs check results rather than inputs (see
-    :func:`_fill_chunked`).
+    ``propagates_nonfinite``: a NaN or Inf in an input always shows in ``compute``'s result
+    (at that position, for a chunked job) or makes it raise, so results are checked rather
+    than inputs, and the inputs only to name the model at fault (see :func:`_fill_chunked`).
     ``native_inputs``: the base and the inputs reach ``compute`` in their stored dtype, for a
     compute that converts them a piece at a time itself.
     """
@@ -364,13 +364,24 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
                           0, out.numel(), propagates_nonfinite)
             return out
         sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
-        if loaded.unchecked is not None:
-            for tensor, label in zip(sources, loaded.unchecked, strict=True):
+
+        def check_sources() -> None:
+            for tensor, label in zip(sources, loaded.unchecked or [], strict=False):
                 check_finite(tensor, label, job.name)
+
+        if not propagates_nonfinite:
+            check_sources()
         dtype = None if native_inputs else torch.float32
         base = loaded.base.to(dev, dtype) if loaded.base is not None else None
         inputs = [t.to(dev, dtype) for t in loaded.inputs]
-        result = compute(job, base, inputs, generator)
+        try:
+            result = compute(job, base, inputs, generator)
+        except PolymergeError:
+            check_sources()  # a non-finite input, rather than what it made the method say
+            raise
+        if propagates_nonfinite and loaded.unchecked is not None and not _finite(
+                result):  # type: ignore[arg-type]
+            check_sources()
         return _owned(result, sources) if loaded.mapped else result
 
     # Tensors in flight hold at most the largest tensor's elements and a quarter more: with

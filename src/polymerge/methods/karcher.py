@@ -152,6 +152,7 @@ KARCHER = MergeMethod(
     min_experts=1,
     reference="https://arxiv.org/abs/2603.04972",
     converts_inputs=True,
+    propagates_nonfinite=True,
 )
 
 METHODS = (KARCHER,)

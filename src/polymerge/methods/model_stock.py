@@ -89,6 +89,7 @@ MODEL_STOCK = MergeMethod(
     min_experts=2,
     reference="https://arxiv.org/abs/2403.19522",
     converts_inputs=True,
+    propagates_nonfinite=True,
 )
 
 METHODS = (MODEL_STOCK,)

@@ -142,6 +142,7 @@ MULTISLERP = MergeMethod(
     check_params=check_multislerp_params,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     converts_inputs=True,
+    propagates_nonfinite=True,
 )
 
 METHODS = (MULTISLERP,)

@@ -132,10 +132,12 @@ class MergeMethod(Schema):
     not needed."""
 
     propagates_nonfinite: bool = False
-    """A NaN or Inf in any input gives a NaN or Inf in ``fn``'s result at that position (sums
-    of weighted inputs: linear, task arithmetic), so the engine may check the result of an
-    elementwise chunk instead of every input's (and the inputs only to name the one at
-    fault)."""
+    """A NaN or Inf in any input gives a NaN or Inf in ``fn``'s result, or ``fn`` stops with
+    an error; where ``fn`` is elementwise, at that position (sums of weighted inputs:
+    linear, task arithmetic; linear combinations with coefficients from the inputs' dot
+    products: Model Stock, Multi-SLERP, Karcher). The engine then checks results instead of
+    every input (a chunk's, or a whole tensor's), and the inputs only to name the one at
+    fault."""
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise is not None and not self.random and self.elementwise(params)
