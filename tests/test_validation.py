@@ -429,7 +429,8 @@ def test_exception_mid_merge_leaves_nothing(make_models, outs, monkeypatch, exc)
     calls = _raising_method(monkeypatch, "task_arithmetic", 5, exc)
     with pytest.raises(type(exc)):
         run(ta(ms), outs / "merged")
-    assert calls[0] == 6  # it really failed mid-way
+    # it really failed mid-way (with two workers, the other may have begun one more tensor)
+    assert calls[0] in (6, 7), calls
     assert leftovers(outs) == []
 
 
