@@ -21,12 +21,13 @@ from polymerge.methods import chunks
 from polymerge.registry import get_tensor_method
 
 CASES = {
-    "ties": {"weight": [1.0] * 4, "density": [0.3] * 4},
+    "ties": {"weight": [1.0] * 4, "density": [0.3] * 4, "normalize": True},
     "model_stock": {},
     "multislerp": {"weight": [0.25] * 4},
     "karcher": {},
     "sce": {"select_topk": 0.5},
     "ramplus_tl": {},
+    "arcee_fusion": {},  # the base and one other model
 }
 
 
@@ -44,13 +45,15 @@ def main() -> None:
     print(f"{'method':12s} {'whole s':>8s} {'chunked s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
     for name, params in CASES.items():
         fn = get_tensor_method(name).fn
+        others = experts[:1] if name == "arcee_fusion" else experts
         seconds, outs = {}, {}
         for label, chunk in (("whole", 1 << 40), ("chunked", None)):
             chunks.CHUNK = default if chunk is None else chunk
             times = []
             for _ in range(args.repeat):
                 start = time.perf_counter()
-                outs[label] = fn(base, experts, **params)
+                outs[label] = fn(base, others, generator=torch.Generator().manual_seed(1),
+                                 **params)
                 times.append(time.perf_counter() - start)
             seconds[label] = statistics.median(times)
         chunks.CHUNK = default
