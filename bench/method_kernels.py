@@ -1,12 +1,13 @@
 """Per-tensor cost of the whole-tensor methods: chunked path against whole tensors.
 
-One bf16 tensor of 2816 x 1024 entries (an MLP weight of the 0.5 B benchmark model), a base and
-four experts (base + N(0, 0.002)), one torch thread. Each method's function runs on the inputs
-as stored twice: with its cache-sized chunks (what a merge runs on CPU) and with chunking
-turned off (the whole-tensor path, what polymerge ran before and still runs on small or GPU
-tensors). Prints the median of a few calls and the largest difference between the two.
+One bf16 tensor of 2816 x 1024 entries by default (an MLP weight of the 0.5 B benchmark
+model; ``--shape``), a base and four experts (base + N(0, 0.002)), one torch thread. Each
+method's function runs on the inputs as stored twice: with its cache-sized chunks (what a
+merge runs on CPU) and with chunking turned off (the whole-tensor path, what polymerge ran
+before and still runs on small or GPU tensors). Prints the median of a few calls and the
+largest difference between the two.
 
-    python bench/method_kernels.py [--repeat 5]
+    python bench/method_kernels.py [--repeat 5] [--shape 2816x1024] [--methods ties,...]
 """
 
 from __future__ import annotations
@@ -34,16 +35,19 @@ CASES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--shape", default="2816x1024", help="ROWSxCOLS of the tensor")
+    parser.add_argument("--methods", default=",".join(CASES), help="comma-separated methods")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    shape = (2816, 1024)
+    shape = tuple(int(n) for n in args.shape.split("x"))
     base = torch.randn(shape, generator=gen).to(torch.bfloat16)
     experts = [(base.float() + torch.randn(shape, generator=gen) * 0.002).to(torch.bfloat16)
                for _ in range(4)]
     default = chunks.CHUNK
     print(f"{'method':12s} {'whole s':>8s} {'chunked s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
-    for name, params in CASES.items():
+    for name in args.methods.split(","):
+        params = CASES[name]
         fn = get_tensor_method(name).fn
         others = experts[:1] if name == "arcee_fusion" else experts
         seconds, outs = {}, {}
