@@ -429,8 +429,9 @@ def test_exception_mid_merge_leaves_nothing(make_models, outs, monkeypatch, exc)
     calls = _raising_method(monkeypatch, "task_arithmetic", 5, exc)
     with pytest.raises(type(exc)):
         run(ta(ms), outs / "merged")
-    # it really failed mid-way (with two workers, the other may have begun one more tensor)
-    assert calls[0] in (6, 7), calls
+    # it really failed mid-way (the workers may have begun a few more tensors meanwhile)
+    merged = sum(job.merge for job in dry_run(ta(ms)).jobs)
+    assert 6 <= calls[0] < merged, (calls, merged)
     assert leftovers(outs) == []
 
 

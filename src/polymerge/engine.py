@@ -326,8 +326,8 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
     their safetensors pages are lent to it without a copy and released after it (a result
     that is an input, or a view of one, is copied first). Jobs for which ``chunkable(job)``
     holds (needs ``pure``) are computed in cache-sized chunks (see the module docstring):
-    ``compute`` must then be elementwise, and what ``consume`` gets is already in the job's
-    output dtype.
+    ``compute`` must then be elementwise. A pure compute's results reach ``consume`` already
+    in the job's output dtype (cast on the worker).
     ``propagates_nonfinite``: a NaN or Inf in an input always shows in ``compute``'s result
     (at that position, for a chunked job) or makes it raise, so results are checked rather
     than inputs, and the inputs only to name the model at fault (see :func:`_fill_chunked`).
@@ -382,6 +382,10 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
         if propagates_nonfinite and loaded.unchecked is not None and not _finite(
                 result):  # type: ignore[arg-type]
             check_sources()
+        if pure and isinstance(result, torch.Tensor):
+            # Cast here, on the worker: cast by the consumer, on the one thread that also
+            # hands out the work, it left the workers idle (0.6 s of a 5 s Multi-SLERP merge).
+            result = result.to(job.out.dtype)
         return _owned(result, sources) if loaded.mapped else result
 
     # Tensors in flight hold at most the largest tensor's elements and a quarter more: with
@@ -445,7 +449,9 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
                     with _torch_threads(workers):
                         finish(loaded, run(loaded))
                     continue
-                while in_flight and (len(in_flight) >= workers or loaded.job.out.numel + sum(
+                # Two jobs a worker: results are taken in order, so with one a worker done
+                # early idled while the oldest job still ran (5-7% of a Model Stock merge).
+                while in_flight and (len(in_flight) >= 2 * workers or loaded.job.out.numel + sum(
                         lo.job.out.numel for lo, _ in in_flight) > budget):
                     finish_oldest()
                 in_flight.append((loaded, submit(loaded)))
