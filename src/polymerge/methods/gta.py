@@ -91,10 +91,10 @@ def gta_merge(
             and chunks.worth_chunking(base):
         return _topk_mix_in_chunks(base_in, experts, weights, densities, consensus=consensus,
                                    normalize=normalize, lam=lam)
-    # Expert by expert with in-place accumulation: stacking N deltas would copy every input
-    # once more and make the reductions run over an (N, ...) tensor, about 3x slower. Without
-    # sign election nothing needs all deltas at once, so they are summed as they come (same
-    # operations in the same order as mix_weighted, so results are bit-identical).
+    # Expert by expert with in-place accumulation: stacking N whole deltas would copy every
+    # input once more. Without sign election nothing needs all deltas at once, so they are
+    # summed as they come (the same sums in the same order as mix_weighted's sum over the
+    # rows of a chunk, so results are bit-identical: Channel Merging's K = 1 is tested so).
     weighted: list[torch.Tensor] = []
     mixed: torch.Tensor | None = None
     for i, expert in enumerate(experts):
