@@ -71,10 +71,10 @@ def _reuse_freed_memory() -> None:
     freed earlier, once per process.
 
     By default it hands large freed blocks back to the kernel at once, so the next
-    temporary faults its pages in again: measured on a 0.5 B-parameter RAM+ merge, 2.4
-    million page faults and 5.3 s of system time, against 0.23 million and 1.9 s with this
-    (BENCHMARKS.md); the price is up to :data:`KEEP_FREED_BYTES` more resident memory. Not
-    glibc (or no ``mallopt``): nothing changes.
+    temporary faults its pages in again: measured on a 0.5 B-parameter RAM+ merge, 2.2
+    million page faults and 4.1-4.8 s of system time, against 0.24 million and 1.5-1.7 s
+    with this (BENCHMARKS.md); the price is up to :data:`KEEP_FREED_BYTES` more resident
+    memory. Not glibc (or no ``mallopt``): nothing changes.
     """
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
@@ -384,7 +384,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
             check_sources()
         if pure and isinstance(result, torch.Tensor):
             # Cast here, on the worker: cast by the consumer, on the one thread that also
-            # hands out the work, it left the workers idle (0.6 s of a 5 s Multi-SLERP merge).
+            # hands out the work, it left the workers waiting (BENCHMARKS.md).
             result = result.to(job.out.dtype)
         return _owned(result, sources) if loaded.mapped else result
 
@@ -450,7 +450,7 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
                         finish(loaded, run(loaded))
                     continue
                 # Two jobs a worker: results are taken in order, so with one a worker done
-                # early idled while the oldest job still ran (5-7% of a Model Stock merge).
+                # early idled while the oldest job still ran (BENCHMARKS.md).
                 while in_flight and (len(in_flight) >= 2 * workers or loaded.job.out.numel + sum(
                         lo.job.out.numel for lo, _ in in_flight) > budget):
                     finish_oldest()

@@ -80,13 +80,13 @@ def arcee_fusion_merge(
     if numel > QUANTILE_SAMPLE:
         device = generator.device if generator is not None else base.device
         picks = torch.randint(numel, (QUANTILE_SAMPLE,), generator=generator, device=device)
-        sample = sample.index_select(0, picks.to(base.device))  # 1.5x faster than [picks]
+        sample = sample.index_select(0, picks.to(base.device))  # faster than [picks]
     threshold = fusion_threshold(sample)
     below = torch.nextafter(torch.tensor(threshold), torch.tensor(-math.inf)).item()
     for r0, r1 in blocks:
         b, o = rows_b[r0:r1].float(), rows_o[r0:r1].float()
         scores = rows_out[r0:r1]
-        if threshold > 0:  # 1.0 where score >= threshold (> 0): a third of the cost of >=
+        if threshold > 0:  # 1.0 where score >= threshold (> 0), cheaper than >= and .float()
             take = F.threshold_(scores, below, 0.0).sign_()
         else:
             take = (scores >= threshold).float()

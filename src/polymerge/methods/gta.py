@@ -193,7 +193,7 @@ def _mix_into(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor,
               lam: float) -> None:
     """Steps 3-4 into ``out`` from the weighted deltas as the rows of one block, which is
     overwritten: a few operations over the whole block, in place, and no ``torch.where``
-    (about twenty times the cost of an in-place product on CPU)."""
+    (tens of times the cost of an in-place product on CPU: bench/torch_ops.py)."""
     torch.sum(deltas, dim=0, out=out)
     if consensus:
         # The sign of the sum, a sum of 0 electing + (adding +0 turns -0 into +0).
@@ -205,7 +205,7 @@ def _mix_into(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor,
         if normalize:
             divisor = torch.tensor(weights, dtype=out.dtype, device=out.device) \
                 @ agreeing.sign_()
-            if min(weights) >= 0:  # divisor >= 0: the same as the next line, 10x cheaper
+            if min(weights) >= 0:  # divisor >= 0: the same as the next line, 15x cheaper
                 torch.nn.functional.threshold_(divisor, 0.0, 1.0)
             else:
                 divisor.masked_fill_(divisor == 0, 1.0)
