@@ -440,7 +440,8 @@ def test_order_statistics_equal_kthvalue(kind):
 def test_freed_temporaries_are_reused_not_faulted_in_again():
     """After the engine's allocator setting, temporaries freed and made again (a method's
     per-chunk scratch) reuse the same memory instead of faulting in fresh pages each time;
-    glibc's default hands them back to the kernel (about 45,000 faults here, not 6,000)."""
+    glibc's default hands them back to the kernel and faults fresh pages in every round
+    (this test fails with the setting removed)."""
     script = """
 import resource, torch
 from polymerge.engine import _reuse_freed_memory

@@ -365,9 +365,10 @@ def stream(plan: MergePlan, compute: Compute[R], consume: Consume[R], *,
             return out
         sources = ([loaded.base] if loaded.base is not None else []) + loaded.inputs
 
-        def check_sources() -> None:
-            for tensor, label in zip(sources, loaded.unchecked or [], strict=False):
-                check_finite(tensor, label, job.name)
+        def check_sources() -> None:  # lent inputs only: the others were checked when read
+            if loaded.unchecked is not None:
+                for tensor, label in zip(sources, loaded.unchecked, strict=True):
+                    check_finite(tensor, label, job.name)
 
         if not propagates_nonfinite:
             check_sources()

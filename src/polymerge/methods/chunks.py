@@ -72,10 +72,11 @@ def combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float],
     weighted sum) as a new float32 tensor, chunk by chunk.
 
     Each chunk is one vector-matrix product of the weights ``(1 - sum_i coefs[i], coefs...)``
-    with the block of inputs, written straight into the output: a third faster than
-    subtracting, scaling and adding row by row. The sum is then taken around 0 rather than
-    around ``around``, which moves the float32 rounding from the offsets' scale to the
-    result's (a few float32 ulps of the result, far below the bf16 outputs' rounding).
+    with the block of inputs, written straight into the output: faster than subtracting,
+    scaling and adding row by row (bench/method_kernels.py, Model Stock). The sum is then
+    taken around 0 rather than around ``around``, which moves the float32 rounding from the
+    offsets' scale to the result's (a few float32 ulps of the result, far below the bf16
+    outputs' rounding).
     """
     inputs = list(tensors) if around is None else [around, *tensors]
     weights = list(coefs) if around is None else [1.0 - sum(coefs), *coefs]

@@ -148,32 +148,25 @@ def _topk_mix_in_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor],
     recomputes each chunk's deltas, keeps the top-k entries and mixes them. Memory is the
     inputs (bf16 when the recipe computes in bf16) plus the float32 output, not N float32
     deltas; the result equals sparsifying whole tensors (same operations per entry, same
-    ties kept). Every step works in place in one block of chunk-sized rows: on CPU an
-    operation that allocates its output costs about three in-place ones.
+    ties kept). Every step works in place in the block of chunk-sized rows that
+    :func:`chunks.float_chunks` reuses: on CPU an operation that allocates its output costs
+    two to four in-place ones (bench/torch_ops.py).
     """
     numel = base.numel()
-    flat_base = base.reshape(-1)
-    flat_experts = [e.reshape(-1) for e in experts]
-    bounds = chunks.spans(numel)
-    scratch = torch.empty(len(experts) + 1, chunks.CHUNK, dtype=torch.float32)
 
     def magnitudes(expert: torch.Tensor):  # noqa: ANN202 - a generator of chunks
-        for b, e in bounds:  # each chunk is overwritten by the next
-            base_chunk = scratch[1, :e - b].copy_(flat_base[b:e])
-            yield scratch[0, :e - b].copy_(expert[b:e]).sub_(base_chunk).abs_()
+        for _, _, block in chunks.float_chunks([base, expert]):  # one reused buffer
+            yield block[1].sub_(block[0]).abs_()
 
     tops: list[TopK | None] = []
-    for expert, density in zip(flat_experts, densities, strict=True):
+    for expert, density in zip(experts, densities, strict=True):
         k = max(1, int(density * numel))
         tops.append(None if density >= 1 or k >= numel
                     else top_k_in_chunks(lambda e=expert: magnitudes(e), k))
     scales = None if all(w == 1 for w in weights) else torch.tensor(weights).unsqueeze(1)
     out = torch.empty(base.shape, dtype=torch.float32)
     flat_out = out.view(-1)
-    for b, e in bounds:
-        block = scratch[:, :e - b]
-        for row, source in zip(block, [flat_base, *flat_experts], strict=True):
-            row.copy_(source[b:e])
+    for b, e, block in chunks.float_chunks([base, *experts]):
         deltas = block[1:].sub_(block[0])
         for row, top in zip(deltas, tops, strict=True):
             if top is not None:
