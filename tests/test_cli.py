@@ -223,6 +223,40 @@ def test_error_as_subprocess(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("before", ["enabled", "disabled"])
+def test_importing_polymerge_leaves_the_garbage_collector_as_it_found_it(before):
+    """The package turns the collector off while it imports (start-up time) and back on only
+    if it was on: a program that imports polymerge keeps collecting, or not, as it chose."""
+    code = ("import gc\n"
+            f"{'gc.disable()' if before == 'disabled' else ''}\n"
+            "import polymerge\n"
+            "print(gc.isenabled())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == str(before == "enabled")
+
+
+def test_the_command_exits_with_its_code_and_output_after_freezing(tmp_path, make_models):
+    """``polymerge`` (the entry point ``run``) skips the last collection at exit, not the
+    work: the merge is in place, the summary printed, and a failure still exits 2."""
+    ms = make_models("llama", 2)
+    recipe = write_recipe(ms, tmp_path / "r.yaml")
+    proc = subprocess.run([sys.executable, "-m", "polymerge.cli", "merge", str(recipe), "-o",
+                           str(tmp_path / "out"), "-q"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / 'out'}" in proc.stdout
+    expected = ref_task_arithmetic(ms.base_state(), ms.expert_states(), [0.5, 0.5])
+    merged = load_state(tmp_path / "out")
+    for name, want in expected.items():
+        torch.testing.assert_close(merged[name], want.to(merged[name].dtype))
+    again = subprocess.run([sys.executable, "-m", "polymerge.cli", "merge", str(recipe), "-o",
+                            str(tmp_path / "out"), "-q"], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2  # the output exists and --force was not given
+    error_line(again.stderr)
+
+
 # --------------------------------------------------------------------------- inspect
 
 
