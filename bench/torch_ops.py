@@ -43,6 +43,7 @@ def main() -> None:
     mask = x > 0.5
     scratch = torch.empty(n)
     one = torch.tensor(1.0)
+    half = x.to(torch.bfloat16)
     chunk_ops: dict[str, Callable[[], object]] = {
         "torch.where(x >= 0, 1.0, -1.0)": lambda: torch.where(x >= 0, 1.0, -1.0),
         "torch.where(mask, x, y)": lambda: torch.where(mask, x, y),
@@ -56,6 +57,9 @@ def main() -> None:
         "F.threshold_(scratch, 0.5, 0.0)": lambda: F.threshold_(scratch, 0.5, 0.0),
         "torch.copysign(1, x)": lambda: torch.copysign(one, x),
         "scratch.masked_fill_(y == 0, 1.0)": lambda: scratch.masked_fill_(y == 0, 1.0),
+        "torch.aminmax(x) (the NaN/Inf check)": lambda: torch.aminmax(x),
+        "torch.aminmax(x in bf16)": lambda: torch.aminmax(half),
+        "x.to(torch.bfloat16) (the output cast)": lambda: x.to(torch.bfloat16),
     }
     print(f"one thread, {n} float32 entries, mean of {args.repeat} calls")
     print("| operation | ns an entry |")

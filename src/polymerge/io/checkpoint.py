@@ -273,19 +273,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return {name: info for name, (info, _, _) in read_safetensors_layout(path).items()}
 
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-"""Linux 5.14+: fault a range of a mapping in now (read from disk if it is not cached)."""
-
-
 class SafetensorsCheckpoint:
     """An HF model folder or bare safetensors file.
 
     ``read`` copies a tensor with positional reads into a buffer of its own. ``mapped`` lends
     the tensor's pages of the file instead: a private (copy-on-write) mapping, so nothing is
     copied, a write to the tensor stays in this process and the file is never modified; the
-    pages are faulted in by the call (the read happens there) and dropped from the process by
-    ``release`` once the tensor is used, so mapped pages do not pile up in the resident set
-    (what that saves a merge: BENCHMARKS.md, "Static merge speed").
+    call starts the read-ahead of the pages, which fault in as the tensor is first used, and
+    ``release`` drops them from the process once it is used, so mapped pages do not pile up
+    in the resident set (what that saves a merge: BENCHMARKS.md, "Static merge speed").
     """
 
     def __init__(self, path: Path, files: dict[str, Path], label: str | None = None) -> None:
@@ -295,7 +291,6 @@ class SafetensorsCheckpoint:
         self._layout: dict[str, tuple[TensorInfo, int, int]] | None = None
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
-        self._populate = True
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -360,8 +355,8 @@ class SafetensorsCheckpoint:
         return mapping
 
     def mapped(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` on the file's own pages (no copy; see the class docstring), its
-        pages faulted in now. A tensor the mapping cannot hold aligned is read instead. Call
+        """The tensor ``name`` on the file's own pages (no copy; see the class docstring), their
+        read-ahead started. A tensor the mapping cannot hold aligned is read instead. Call
         :meth:`release` once the tensor is no longer used."""
         try:
             info, begin, end = self._tensor_layout()[name]
@@ -374,14 +369,11 @@ class SafetensorsCheckpoint:
         if flat.data_ptr() % element_size(info.dtype):
             return self.read(name)
         start = begin - begin % mmap.PAGESIZE
-        # read-ahead of the whole range in large requests (what a cold file needs), then
-        # fault it in here rather than page by page in the compute
+        # Read-ahead of the whole range in large requests (what a cold file needs), and no
+        # more: faulting the pages in here as well (MADV_POPULATE_READ) made whole merges from
+        # a cold page cache 1.4-1.7x slower and saved nothing warm (BENCHMARKS.md, "Cold
+        # reads").
         mapping.madvise(mmap.MADV_WILLNEED, start, end - start)
-        if self._populate:
-            try:
-                mapping.madvise(MADV_POPULATE_READ, start, end - start)
-            except OSError:  # a kernel before 5.14: pages fault in on first use
-                self._populate = False
         return flat.view(info.dtype).view(info.shape)
 
     def release(self, name: str) -> None:
