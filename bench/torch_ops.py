@@ -44,6 +44,12 @@ def main() -> None:
     scratch = torch.empty(n)
     one = torch.tensor(1.0)
     half = x.to(torch.bfloat16)
+    rows = torch.randn(4, n, generator=gen)  # four models' deltas, one chunk
+    panels = rows.view(4, n // 1024, 1024).transpose(0, 1)
+    block = torch.randn(5, n, generator=gen)  # a base and four models
+    block_panels = block.view(5, n // 1024, 1024).transpose(0, 1)
+    weights = torch.randn(1, 5, generator=gen)
+    batch_weights = weights.view(1, 1, 5).expand(n // 1024, 1, 5)
     chunk_ops: dict[str, Callable[[], object]] = {
         "torch.where(x >= 0, 1.0, -1.0)": lambda: torch.where(x >= 0, 1.0, -1.0),
         "torch.where(mask, x, y)": lambda: torch.where(mask, x, y),
@@ -60,6 +66,11 @@ def main() -> None:
         "torch.aminmax(x) (the NaN/Inf check)": lambda: torch.aminmax(x),
         "torch.aminmax(x in bf16)": lambda: torch.aminmax(half),
         "x.to(torch.bfloat16) (the output cast)": lambda: x.to(torch.bfloat16),
+        "rows @ rows.T (Gram of 4 rows, one product)": lambda: rows @ rows.T,
+        "the same as 1024-entry panels (bmm, float64 sum)":
+            lambda: torch.bmm(panels, panels.transpose(1, 2)).sum(0, dtype=torch.float64),
+        "weights @ block (5 rows combined, one product)": lambda: weights @ block,
+        "the same as 1024-entry panels (bmm)": lambda: torch.bmm(batch_weights, block_panels),
     }
     print(f"one thread, {n} float32 entries, mean of {args.repeat} calls")
     print("| operation | ns an entry |")

@@ -304,12 +304,17 @@ def iter_shards(folder: Path) -> Iterator[Path]:
     yield from sorted(folder.glob("*.safetensors"))
 
 
-@pytest.fixture(params=["whole tensors", "small chunks"])
+@pytest.fixture(params=["whole tensors", "small chunks", "chunks of panels"])
 def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a method test twice: on whole tensors, and with chunks of 5 entries so the
-    chunked whole-tensor statistics of :mod:`polymerge.methods.chunks` are exercised too."""
-    if request.param == "small chunks":
-        from polymerge.methods import chunks
+    """Run a method test three times: on whole tensors, with chunks of 5 entries so the
+    chunked whole-tensor statistics of :mod:`polymerge.methods.chunks` are exercised too, and
+    with chunks of 16 entries in panels of 8, so their products also run as batches of panels
+    (and a last chunk that is not a whole number of panels as one product)."""
+    from polymerge.methods import chunks
 
+    if request.param == "small chunks":
         monkeypatch.setattr(chunks, "CHUNK", 5)
+    elif request.param == "chunks of panels":
+        monkeypatch.setattr(chunks, "CHUNK", 16)
+        monkeypatch.setattr(chunks, "PANEL", 8)
     return request.param

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 CHUNK = 1 << 18
+PANEL = 1 << 10
+"""Products over a chunk run as a batch of panels this long (see :func:`_panels`)."""
 
 
 def worth_chunking(tensor: torch.Tensor) -> bool:
@@ -62,8 +64,28 @@ def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> t
     total = torch.zeros(n, n, dtype=torch.float64)
     for _, _, block in float_chunks(inputs):
         vectors = block if base is None else block[1:].sub_(block[0])
-        total += (vectors @ vectors.T).double().cpu()
+        panels = _panels(vectors)
+        if panels is None:
+            total += (vectors @ vectors.T).double().cpu()
+        else:
+            total += torch.bmm(panels, panels.transpose(1, 2)).sum(0, dtype=torch.float64).cpu()
     return total
+
+
+def _panels(rows: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``(n, width)`` as a batch of ``(n, PANEL)`` panels, ``(width / PANEL, n,
+    PANEL)`` (a view), or None when the width is not a whole number of panels.
+
+    A product of a few long rows (``n`` is the number of models) is much faster on CPU as a
+    batch of short ones: the Gram matrix of four rows as one product takes 1.6 times as long
+    as the batch, their weighted sum as one vector-matrix product 1.2 times
+    (``python bench/torch_ops.py``). The Gram matrix's sums over the panels go in float64, no
+    less exact than one long float32 product; the weighted sum is the same sum per entry.
+    """
+    width = rows.shape[1]
+    if width % PANEL or rows.stride(1) != 1:
+        return None
+    return rows.view(rows.shape[0], width // PANEL, PANEL).transpose(0, 1)
 
 
 def combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float],
@@ -84,5 +106,10 @@ def combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float],
     flat_out = out.view(-1)
     row = torch.tensor(weights, dtype=torch.float32, device=out.device)
     for b, e, block in float_chunks(inputs):
-        torch.matmul(row.unsqueeze(0), block, out=flat_out[b:e].unsqueeze(0))
+        panels = _panels(block)
+        if panels is None:
+            torch.matmul(row.unsqueeze(0), block, out=flat_out[b:e].unsqueeze(0))
+        else:  # (panels, 1, n) @ (panels, n, PANEL): the same sums, a panel at a time
+            torch.bmm(row.view(1, 1, -1).expand(panels.shape[0], 1, -1), panels,
+                      out=flat_out[b:e].view(panels.shape[0], 1, PANEL))
     return out
